@@ -1,0 +1,189 @@
+"""Switchable Normalization modules for 1d, 2d and 3d inputs.
+
+One generic base class holds the parameters, buffers and the choice of
+statistics; the dimension-specific subclasses only check the input's rank, as
+torch's ``BatchNorm1d/2d/3d`` do. The maths live in :mod:`sn_plugin.functional`.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from . import functional as F_sn
+
+
+class _SwitchNorm(_NormBase):
+    """Switchable Normalization (Luo et al., ICLR 2019), Eq. 3-5.
+
+    Mixes instance (IN), layer (LN) and batch (BN) statistics with two sets of
+    learned importance weights, one for the means and one for the variances
+    (softmax over the logits ``mean_weight`` / ``var_weight``, order
+    [IN, LN, BN]). ``weight``/``bias`` are the per-channel gamma/beta and the
+    BN-branch buffers follow BatchNorm's names and semantics, so a BatchNorm
+    checkpoint's entries line up with an SN layer's.
+
+    Args:
+        num_features: C of an (N, C, ...) input.
+        eps: added once to the mixed variance.
+        momentum: BatchNorm's convention,
+            ``running = (1 - momentum) * running + momentum * batch``;
+            ``None`` gives a cumulative average.
+        affine: learn ``weight`` and ``bias``.
+        track_running_stats: keep running statistics of the BN branch; without
+            them the BN branch uses batch statistics in eval too.
+        using_bn: include the BN branch. Without it (the paper's setting for one
+            sample per GPU) the logits have 2 entries [IN, LN] and no running
+            statistics are kept.
+        using_moving_average: update the running statistics during training. With
+            ``False`` (the paper's "batch average") they are estimated after
+            training by :func:`sn_plugin.recompute_batch_stats`; evaluating
+            before that raises an error instead of using the initial 0/1 buffers.
+        last_gamma: initialise gamma to 0 (zero-init of the last norm layer in a
+            residual block).
+
+    In training, a batch of one sample makes the BN statistics equal the IN
+    ones (so SN effectively mixes IN and LN, as the paper notes); when the
+    batch holds a single value per channel (N * spatial size = 1) there is no
+    variance to learn from and the running statistics are left unchanged. An
+    empty batch gives an empty output and leaves the statistics unchanged.
+    """
+
+    _expected_dims: Tuple[int, ...] = ()
+    _expected_shape: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        using_bn: bool = True,
+        using_moving_average: bool = True,
+        last_gamma: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        self.using_bn = using_bn
+        self.using_moving_average = using_moving_average
+        self.last_gamma = last_gamma
+        super().__init__(num_features, eps, momentum, affine, track_running_stats and using_bn, device, dtype)
+        num_branches = 3 if using_bn else 2
+        factory = {"device": device, "dtype": dtype}
+        self.mean_weight = nn.Parameter(torch.ones(num_branches, **factory))
+        self.var_weight = nn.Parameter(torch.ones(num_branches, **factory))
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
+            nn.init.zeros_(self.bias)
+        if hasattr(self, "mean_weight"):
+            nn.init.ones_(self.mean_weight)
+            nn.init.ones_(self.var_weight)
+
+    def importance_weights(self) -> Tuple[Tensor, Tensor]:
+        """The current softmaxed importance weights (mean, variance), [IN, LN(, BN)]."""
+        return self.mean_weight.softmax(0), self.var_weight.softmax(0)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._expected_dims:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects input of shape "
+                f"{self._expected_shape}, got a {input.dim()}-D tensor of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels in "
+                f"dim 1 of an input of shape {self._expected_shape}, got shape {tuple(input.shape)}"
+            )
+
+    def _momentum_for_this_batch(self) -> float:
+        """BatchNorm's bookkeeping: counts the batch and returns the averaging factor."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or self.running_mean is None
+
+    def _check_bn_statistics_ready(self) -> None:
+        if (
+            not self.using_moving_average
+            and not self._uses_batch_stats()
+            and int(self.num_batches_tracked) == 0
+        ):
+            raise RuntimeError(
+                f"{self._get_name()}({self.num_features}) has using_moving_average=False, so its BN-branch "
+                f"statistics come from the batch average, which has not been estimated yet (num_batches_tracked "
+                f"is 0). Run sn_plugin.recompute_batch_stats(model, batches) after training, or load a "
+                f"checkpoint that has them, before evaluating."
+            )
+
+    def _stats_group(self):
+        """The process group whose batch the BN branch spans (None: this process only)."""
+        return None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        mean_weight, var_weight = self.importance_weights()
+        group = self._stats_group() if self.training else None
+        batch_stats = self._uses_batch_stats()
+        has_variance = group is not None or input.numel() > self.num_features
+        update = (
+            self.training and self.running_mean is not None and self.using_moving_average and has_variance
+        )
+        momentum = self._momentum_for_this_batch() if update else 0.0
+        if self.running_mean is not None and not batch_stats:
+            self._check_bn_statistics_ready()
+        use_running = update or not batch_stats
+        return F_sn.switch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            mean_weight,
+            var_weight,
+            self.weight,
+            self.bias,
+            batch_stats,
+            momentum,
+            self.eps,
+            group,
+        )
+
+    def extra_repr(self) -> str:
+        mean_w, var_w = (w.detach().cpu().tolist() for w in self.importance_weights())
+        names = F_sn.BRANCH_NAMES[: len(mean_w)]
+
+        def fmt(ws):
+            return "[" + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, ws)) + "]"
+
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, using_bn={self.using_bn}, "
+            f"using_moving_average={self.using_moving_average}, last_gamma={self.last_gamma}, "
+            f"mean_weight={fmt(mean_w)}, var_weight={fmt(var_w)}"
+        )
+
+
+class SwitchNorm1d(_SwitchNorm):
+    """SN over (N, C) or (N, C, L) inputs. See :class:`_SwitchNorm` for the arguments."""
+
+    _expected_dims = (2, 3)
+    _expected_shape = "(N, C) or (N, C, L)"
+
+
+class SwitchNorm2d(_SwitchNorm):
+    """SN over (N, C, H, W) inputs. See :class:`_SwitchNorm` for the arguments."""
+
+    _expected_dims = (4,)
+    _expected_shape = "(N, C, H, W)"
+
+
+class SwitchNorm3d(_SwitchNorm):
+    """SN over (N, C, T, H, W) inputs (e.g. I3D video models): statistics over (T, H, W)."""
+
+    _expected_dims = (5,)
+    _expected_shape = "(N, C, T, H, W)"

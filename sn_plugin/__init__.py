@@ -1,11 +1,15 @@
 """Switchable Normalization (Luo et al., ICLR 2019) for detection, segmentation and video toolkits.
 
 The core (this package's top level) needs only torch; the toolkit integrations
-live in their own modules and import their toolkit when they are imported.
+live in ``sn_plugin.integrations`` and import their toolkit when imported.
 """
 from .functional import switch_norm
-from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d
+from .introspection import importance_summary, importance_weights, stage_of, switch_norm_layers
+from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SyncSwitchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "switch_norm"]
+__all__ = [
+    "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SwitchNormBase", "SyncSwitchNorm", "switch_norm",
+    "importance_summary", "importance_weights", "stage_of", "switch_norm_layers",
+]

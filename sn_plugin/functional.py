@@ -18,6 +18,7 @@ The derived LN/BN variances are computed as ``mean(var_in + (mu_in - mu)^2)``
 rather than ``mean(var_in + mu_in^2) - mu^2``: the same value, without the
 cancellation that the second form suffers for large means in float32.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -299,7 +300,7 @@ def switch_norm(
     batch_stats = training or running_mean is None
     if input.numel() == 0 and process_group is None:
         return _empty_output(input, mean_weight, var_weight, weight, bias)
-    x3 = input.reshape(n, c, -1).contiguous()
+    x3 = input.reshape(n, c, math.prod(input.shape[2:])).contiguous()
     # Statistics must not be computed in a lower precision chosen by autocast.
     with torch.autocast(input.device.type, enabled=False):
         args = (mean_weight, var_weight, weight, bias,

@@ -7,14 +7,18 @@ torch's ``BatchNorm1d/2d/3d`` do. The maths live in :mod:`sn_plugin.functional`.
 from typing import Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from . import functional as F_sn
 
 
-class _SwitchNorm(_NormBase):
+class SwitchNormBase(_NormBase):
     """Switchable Normalization (Luo et al., ICLR 2019), Eq. 3-5.
+
+    The generic base of every SN module (use it for ``isinstance`` checks); the
+    subclasses below fix the input rank.
 
     Mixes instance (IN), layer (LN) and batch (BN) statistics with two sets of
     learned importance weights, one for the means and one for the variances
@@ -168,22 +172,52 @@ class _SwitchNorm(_NormBase):
         )
 
 
-class SwitchNorm1d(_SwitchNorm):
-    """SN over (N, C) or (N, C, L) inputs. See :class:`_SwitchNorm` for the arguments."""
+class SwitchNorm1d(SwitchNormBase):
+    """SN over (N, C) or (N, C, L) inputs. See :class:`SwitchNormBase` for the arguments."""
 
     _expected_dims = (2, 3)
     _expected_shape = "(N, C) or (N, C, L)"
 
 
-class SwitchNorm2d(_SwitchNorm):
-    """SN over (N, C, H, W) inputs. See :class:`_SwitchNorm` for the arguments."""
+class SwitchNorm2d(SwitchNormBase):
+    """SN over (N, C, H, W) inputs. See :class:`SwitchNormBase` for the arguments."""
 
     _expected_dims = (4,)
     _expected_shape = "(N, C, H, W)"
 
 
-class SwitchNorm3d(_SwitchNorm):
+class SwitchNorm3d(SwitchNormBase):
     """SN over (N, C, T, H, W) inputs (e.g. I3D video models): statistics over (T, H, W)."""
 
     _expected_dims = (5,)
     _expected_shape = "(N, C, T, H, W)"
+
+
+class SyncSwitchNorm(SwitchNormBase):
+    """SN whose BN branch takes its statistics over every process of a group.
+
+    IN and LN statistics stay per sample; the BN mean and variance (and their
+    gradients) are all-reduced over ``process_group`` (default: the whole world)
+    in training, so the result equals SN on the concatenated batch, also when
+    the processes hold different numbers of samples, or none. Without an
+    initialised process group, or with one process, it is plain SN. As with
+    ``nn.SyncBatchNorm``, every process must run the layer's forward and
+    backward in the same order. Accepts (N, C, *) inputs of any rank.
+    """
+
+    _expected_dims = (2, 3, 4, 5)
+    _expected_shape = "(N, C, *)"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
+                 using_moving_average: bool = True, last_gamma: bool = False, process_group=None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, using_bn,
+                         using_moving_average, last_gamma, device, dtype)
+        self.process_group = process_group
+
+    def _stats_group(self):
+        if not self.using_bn or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None

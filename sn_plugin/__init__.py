@@ -3,6 +3,7 @@
 The core (this package's top level) needs only torch; the toolkit integrations
 live in ``sn_plugin.integrations`` and import their toolkit when imported.
 """
+from .batch_stats import LayerStatsReport, recompute_batch_stats
 from .functional import switch_norm
 from .introspection import importance_summary, importance_weights, stage_of, switch_norm_layers
 from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SyncSwitchNorm
@@ -12,4 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SwitchNormBase", "SyncSwitchNorm", "switch_norm",
     "importance_summary", "importance_weights", "stage_of", "switch_norm_layers",
+    "LayerStatsReport", "recompute_batch_stats",
 ]

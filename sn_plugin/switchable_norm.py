@@ -157,6 +157,13 @@ class SwitchNormBase(_NormBase):
             group,
         )
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{self._get_name()} cannot be compiled by torch.jit.script: its forward and backward are a "
+            f"custom autograd Function, which TorchScript does not support (and TorchScript is "
+            f"deprecated). Use torch.compile instead."
+        )
+
     def extra_repr(self) -> str:
         mean_w, var_w = (w.detach().cpu().tolist() for w in self.importance_weights())
         names = F_sn.BRANCH_NAMES[: len(mean_w)]

@@ -339,3 +339,27 @@ def test_bad_logit_shapes_are_rejected():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="3 entries"):
         switch_norm(x, None, None, torch.ones(4) / 4, torch.ones(4) / 4, training=True)
+
+
+def test_torchscript_is_refused_with_a_clear_message():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), SwitchNorm2d(4))
+    with pytest.raises(RuntimeError, match="SwitchNorm2d cannot be compiled by torch.jit.script.*torch.compile"):
+        torch.jit.script(model)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), randomise(SwitchNorm2d(4)), nn.ReLU())
+    x = torch.randn(2, 3, 10, 10)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = model(x_eager)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model)(x_compiled)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    # inductor reorders float32 sums, so gradients agree to rounding, not bit for bit
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-4)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)

@@ -104,6 +104,18 @@ class _Stats:
     __slots__ = ("means", "vars", "pivot", "mean", "rstd", "mean_weight", "var_weight", "count",
                  "batch_stats")
 
+    def tensors(self) -> List[Tensor]:
+        return [self.pivot, self.mean, self.rstd, self.mean_weight, self.var_weight, *self.means, *self.vars]
+
+    @classmethod
+    def from_tensors(cls, tensors, count: float, batch_stats: bool) -> "_Stats":
+        stats = cls()
+        stats.pivot, stats.mean, stats.rstd, stats.mean_weight, stats.var_weight = tensors[:5]
+        branches = (len(tensors) - 5) // 2
+        stats.means, stats.vars = list(tensors[5:5 + branches]), list(tensors[5 + branches:])
+        stats.count, stats.batch_stats = count, batch_stats
+        return stats
+
 
 def _forward(
     x3: Tensor,
@@ -245,16 +257,19 @@ class _SwitchNormFunction(torch.autograd.Function):
                 batch_stats, momentum, eps, group):
         out, stats = _forward(x3, mean_weight, var_weight, weight, bias, running_mean, running_var,
                               batch_stats, momentum, eps, group)
-        ctx.save_for_backward(x3, weight)
-        ctx.stats, ctx.group = stats, group
+        # Saved through save_for_backward (not as ctx attributes) so that
+        # saved-tensor hooks (offloading, memory accounting) see everything.
+        ctx.save_for_backward(x3, weight, *stats.tensors())
+        ctx.count, ctx.batch_stats, ctx.group = stats.count, stats.batch_stats, group
         ctx.param_dtypes = [None if t is None else t.dtype for t in (mean_weight, var_weight, weight, bias)]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x3, weight = ctx.saved_tensors
-        grad_input, *param_grads = _backward(grad_out, x3, weight, ctx.stats, ctx.group, ctx.needs_input_grad)
+        x3, weight, *tensors = ctx.saved_tensors
+        stats = _Stats.from_tensors(tensors, ctx.count, ctx.batch_stats)
+        grad_input, *param_grads = _backward(grad_out, x3, weight, stats, ctx.group, ctx.needs_input_grad)
         param_grads = [g if g is None else g.to(dt) for g, dt in zip(param_grads, ctx.param_dtypes)]
         return (grad_input, *param_grads) + (None,) * 6
 

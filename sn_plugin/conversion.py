@@ -1,0 +1,471 @@
+"""Turning a network's normalization layers into SN and back.
+
+* :func:`convert_to_sn`: BatchNorm (incl. SyncBatchNorm and frozen BN),
+  GroupNorm, InstanceNorm (and, on request, LayerNorm over channels) become SN
+  layers that start out computing what the original layer did.
+* :func:`convert_sync_sn` / :func:`revert_sync_sn`: SN <-> synchronized SN, as
+  ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for BatchNorm.
+* :func:`sparsify`: the paper's sparse SN (Sec. 2.1, "Variants of SN"): every
+  layer keeps only its strongest normalizer, for deployment or fine-tuning.
+
+None of them modifies the model it is given: each returns a converted copy, so
+a model (or the checkpoint it was loaded from) that a user still holds stays as
+it was. Build the optimizer for the returned model.
+"""
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .functional import BN, IN, LN
+from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SyncSwitchNorm
+
+__all__ = [
+    "BatchNormXd", "ConversionOptions", "SwitchNormNd", "convert_sync_sn", "convert_to_sn",
+    "register_sn_converter", "revert_sync_sn", "sparsify",
+]
+
+
+class SwitchNormNd(SwitchNormBase):
+    """SN for (N, C, *) inputs of any rank, without synchronization.
+
+    What conversion produces where the source layer does not fix the input's
+    rank (GroupNorm, BatchNorm subclasses without a dimension, a reverted
+    SyncSwitchNorm), as mmengine's ``_BatchNormXd`` does for BatchNorm.
+    """
+
+    _expected_dims = (2, 3, 4, 5)
+    _expected_shape = "(N, C, *)"
+
+
+class BatchNormXd(_BatchNorm):
+    """BatchNorm for (N, C, *) inputs of any rank: what :func:`sparsify` makes of a
+    :class:`SwitchNormNd` whose choice is BN for both statistics."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"BatchNormXd expects an (N, C, *) input, got shape {tuple(input.shape)}")
+
+
+_SN_BY_RANK_SUFFIX = {"1d": SwitchNorm1d, "2d": SwitchNorm2d, "3d": SwitchNorm3d}
+_BN_FOR_SN: Dict[type, type] = {
+    SwitchNorm1d: nn.BatchNorm1d, SwitchNorm2d: nn.BatchNorm2d, SwitchNorm3d: nn.BatchNorm3d,
+    SyncSwitchNorm: nn.SyncBatchNorm,
+}
+
+
+def _sn_class_for(source: nn.Module) -> Type[SwitchNormBase]:
+    """The SN class accepting the inputs ``source`` accepts: by the rank in its class name."""
+    name = type(source).__name__
+    for suffix, cls in _SN_BY_RANK_SUFFIX.items():
+        if name.endswith(suffix) or name.endswith(suffix.upper()):
+            return cls
+    return SwitchNormNd
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronized SN
+# ---------------------------------------------------------------------------------------------
+
+def _respecified_sn(module: SwitchNormBase, cls: Type[SwitchNormBase], **extra) -> SwitchNormBase:
+    """An SN layer of class ``cls`` that takes over ``module``'s parameters and buffers (the same
+    tensor objects, so nothing is copied), training mode and configuration."""
+    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+              module.using_bn, module.using_moving_average, module.last_gamma, device="meta", **extra)
+    for name, param in module._parameters.items():
+        setattr(new, name, param)
+    for name, buffer in module._buffers.items():
+        setattr(new, name, buffer)
+    new.train(module.training)
+    return new
+
+
+def _replace_modules(model: nn.Module, convert: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
+    """Copy ``model`` and replace, top-down, every module for which ``convert(name, module)``
+    returns a replacement; the replacement's children are not visited."""
+    # Process groups are handles to shared communicators: the copy uses the same ones.
+    shared = {id(g): g for m in model.modules() if (g := getattr(m, "process_group", None)) is not None}
+    model = copy.deepcopy(model, memo=shared)
+
+    def visit(name: str, module: nn.Module) -> nn.Module:
+        replacement = convert(name, module)
+        if replacement is not None:
+            return replacement
+        for child_name, child in list(module.named_children()):
+            new_child = visit(f"{name}.{child_name}" if name else child_name, child)
+            if new_child is not child:
+                setattr(module, child_name, new_child)
+        return module
+
+    return visit("", model)
+
+
+def convert_sync_sn(model: nn.Module, process_group=None) -> nn.Module:
+    """A copy of ``model`` with every (non-synchronized) SN layer made a :class:`SyncSwitchNorm`.
+
+    The SN counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm``, but it
+    does not modify ``model``: the result is a deep copy (so build the
+    optimizer for the returned model). Parameters, buffers, training mode,
+    ``requires_grad``, device and dtype carry over. ``process_group`` scopes
+    the synchronization (default: the whole world). Returns a new
+    SyncSwitchNorm if ``model`` itself is an SN layer.
+    """
+
+    def convert(name, module):
+        if isinstance(module, SwitchNormBase) and not isinstance(module, SyncSwitchNorm):
+            new = _respecified_sn(module, SyncSwitchNorm, process_group=process_group)
+            new._sn_unsynced_class = type(module)
+            return new
+        return None
+
+    return _replace_modules(model, convert)
+
+
+def revert_sync_sn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every :class:`SyncSwitchNorm` made a local SN layer again.
+
+    The inverse of :func:`convert_sync_sn` (e.g. to evaluate on one process
+    inside a distributed job): a layer made by it gets its original class back;
+    any other SyncSwitchNorm becomes a :class:`SwitchNormNd` (any input rank).
+    Carries what :func:`convert_sync_sn` carries; ``model`` is not modified.
+    """
+
+    def convert(name, module):
+        if isinstance(module, SyncSwitchNorm):
+            return _respecified_sn(module, getattr(module, "_sn_unsynced_class", SwitchNormNd))
+        return None
+
+    return _replace_modules(model, convert)
+
+
+# ---------------------------------------------------------------------------------------------
+# Other normalizers -> SN
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """How :func:`convert_to_sn` builds each SN layer; passed to every converter.
+
+    Attributes:
+        original_weight: the importance weight the original normalizer starts
+            with (the other branches share the rest equally).
+        using_moving_average: the new layers' ``using_moving_average``.
+    """
+
+    original_weight: float
+    using_moving_average: bool
+
+
+@dataclass
+class _Source:
+    """What a converter reads off a normalization layer, in SN's terms."""
+
+    num_features: int
+    eps: float
+    branch_weights: Tuple[float, float, float]  # target importance weights [IN, LN, BN]
+    weight: Optional[Tensor] = None  # gamma (None: not affine)
+    bias: Optional[Tensor] = None
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+    track_running_stats: bool = True
+    cls: Optional[Type[SwitchNormBase]] = None  # default: by the source's class name
+    extra: Optional[dict] = None  # further constructor arguments (process_group)
+    inexact: str = ""  # why the converted layer cannot compute exactly what the source did
+
+
+def _favouring(branch: int, options: ConversionOptions) -> Tuple[float, float, float]:
+    weights = [(1.0 - options.original_weight) / 2] * 3
+    weights[branch] = options.original_weight
+    return tuple(weights)
+
+
+def _from_batch_norm(m: nn.Module, options: ConversionOptions) -> _Source:
+    tracked = getattr(m, "running_mean", None) is not None
+    return _Source(
+        m.num_features, m.eps, _favouring(BN, options),
+        weight=m.weight, bias=m.bias, running_mean=m.running_mean, running_var=m.running_var,
+        num_batches_tracked=getattr(m, "num_batches_tracked", None), momentum=getattr(m, "momentum", 0.1),
+        track_running_stats=tracked,
+        cls=SyncSwitchNorm if isinstance(m, nn.SyncBatchNorm) else None,
+        extra={"process_group": m.process_group} if isinstance(m, nn.SyncBatchNorm) else None,
+    )
+
+
+def _from_instance_norm(m: _InstanceNorm, options: ConversionOptions) -> _Source:
+    inexact = ""
+    if m.track_running_stats:
+        inexact = ("InstanceNorm with track_running_stats=True normalizes with running statistics in eval; "
+                   "SN's IN branch always uses the instance's own")
+    return _Source(m.num_features, m.eps, _favouring(IN, options), weight=m.weight, bias=m.bias,
+                   momentum=m.momentum, inexact=inexact)
+
+
+def _from_group_norm(m: nn.GroupNorm, options: ConversionOptions) -> _Source:
+    groups, channels = m.num_groups, m.num_channels
+    if groups == channels:
+        weights, inexact = _favouring(IN, options), ""
+    elif groups == 1:
+        weights, inexact = _favouring(LN, options), ""
+    else:
+        # GroupNorm lies between IN (one channel per group) and LN (all channels in
+        # one group); start SN at the same place on a log scale of the group size.
+        t = math.log(channels / groups) / math.log(channels)
+        w = options.original_weight
+        weights = ((1 - t) * w, t * w, 1 - w)
+        inexact = (f"GroupNorm({groups}, {channels}) has no SN equivalent (only 1 group = LN or one group "
+                   f"per channel = IN have); it starts as {weights[0]:.2f} IN + {weights[1]:.2f} LN")
+    return _Source(channels, m.eps, weights, weight=m.weight, bias=m.bias, cls=SwitchNormNd, inexact=inexact)
+
+
+def _from_layer_norm(m: nn.LayerNorm, options: ConversionOptions) -> Optional[_Source]:
+    if len(m.normalized_shape) != 1:
+        return None  # normalizes over more than the channels: not a per-sample channel statistic SN has
+    bias = getattr(m, "bias", None)
+    return _Source(m.normalized_shape[0], m.eps, _favouring(LN, options), weight=m.weight, bias=bias,
+                   cls=SwitchNorm1d)
+
+
+def _looks_like_frozen_batch_norm(m: nn.Module) -> bool:
+    """detectron2's / torchvision's / other toolkits' FrozenBatchNorm: BN's affine and statistics
+    as buffers, an ``eps``, no parameters and no children."""
+    buffers = m._buffers
+    return (
+        all(isinstance(buffers.get(k), Tensor) for k in ("weight", "bias", "running_mean", "running_var"))
+        and isinstance(getattr(m, "eps", None), float)
+        and not m._parameters and not m._modules
+    )
+
+
+def _from_frozen_batch_norm(m: nn.Module, options: ConversionOptions) -> _Source:
+    return _Source(m.running_mean.numel(), m.eps, _favouring(BN, options),
+                   weight=m.weight, bias=m.bias, running_mean=m.running_mean, running_var=m.running_var,
+                   num_batches_tracked=getattr(m, "num_batches_tracked", None))
+
+
+Converter = Callable[[nn.Module, ConversionOptions], Optional[_Source]]
+# (class, converter, also for subclasses); searched in order after an exact-class match.
+_CONVERTERS: List[Tuple[type, Converter, bool]] = [
+    (_BatchNorm, _from_batch_norm, True),
+    (_InstanceNorm, _from_instance_norm, True),
+    (nn.GroupNorm, _from_group_norm, True),
+]
+_LAYER_NORM = (nn.LayerNorm, _from_layer_norm, False)
+
+
+def register_sn_converter(cls: type, converter: Converter, subclasses: bool = True) -> None:
+    """Teach :func:`convert_to_sn` a normalization class of another library.
+
+    ``converter(module, options)`` returns a description of ``module`` in SN's
+    terms (use :func:`sn_source` to make one) or None to leave it alone.
+    Registered classes take precedence over the built-in ones; with
+    ``subclasses`` it also applies to subclasses of ``cls``.
+    """
+    _CONVERTERS.insert(0, (cls, converter, subclasses))
+
+
+def sn_source(num_features: int, eps: float, branch_weights: Sequence[float], **fields) -> _Source:
+    """A layer's description for :func:`register_sn_converter` converters: ``branch_weights``
+    are the starting importance weights [IN, LN, BN]; ``fields`` are ``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``, ``momentum``,
+    ``track_running_stats``, ``cls`` (the SN class), ``extra`` and ``inexact``."""
+    return _Source(num_features, eps, tuple(branch_weights), **fields)
+
+
+def _find_converter(m: nn.Module, layer_norm: bool) -> Optional[Converter]:
+    table = _CONVERTERS + ([_LAYER_NORM] if layer_norm else [])
+    for cls, converter, _ in table:
+        if type(m) is cls:
+            return converter
+    for cls, converter, subclasses in table:
+        if subclasses and isinstance(m, cls):
+            return converter
+    if _looks_like_frozen_batch_norm(m):
+        return _from_frozen_batch_norm
+    return None
+
+
+def _build_sn(source: _Source, original: nn.Module, options: ConversionOptions) -> SwitchNormBase:
+    reference = next(iter([*original.parameters(), *original.buffers()]), None)
+    factory = {"device": reference.device if reference is not None else None,
+               "dtype": reference.dtype if reference is not None and reference.is_floating_point() else None}
+    cls = source.cls or _sn_class_for(original)
+    affine = source.weight is not None
+    sn = cls(source.num_features, source.eps, source.momentum, affine, source.track_running_stats,
+             using_moving_average=options.using_moving_average, **(source.extra or {}), **factory)
+    with torch.no_grad():
+        if affine:
+            sn.weight.copy_(source.weight)
+            if source.bias is not None:
+                sn.bias.copy_(source.bias)
+        if sn.running_mean is not None and source.running_mean is not None:
+            sn.running_mean.copy_(source.running_mean)
+            sn.running_var.copy_(source.running_var)
+            if source.num_batches_tracked is not None:
+                sn.num_batches_tracked.copy_(source.num_batches_tracked)
+            elif not options.using_moving_average:
+                sn.num_batches_tracked.fill_(1)  # the frozen statistics count as estimated
+        logits = torch.tensor(source.branch_weights, dtype=torch.float64).log()
+        sn.mean_weight.copy_(logits)
+        sn.var_weight.copy_(logits)
+    params = list(original.parameters(recurse=False))
+    if params and not any(p.requires_grad for p in params):
+        sn.requires_grad_(False)  # a frozen layer (e.g. a frozen stage) stays frozen
+    sn.train(original.training)
+    return sn
+
+
+def convert_to_sn(
+    model: nn.Module,
+    original_weight: float = 0.999,
+    using_moving_average: bool = True,
+    layer_norm: bool = False,
+    strict: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` whose normalization layers are Switchable Normalization.
+
+    Converted: BatchNorm 1d/2d/3d and every other ``_BatchNorm`` subclass
+    (SyncBatchNorm becomes :class:`SyncSwitchNorm` in the same process group),
+    frozen BatchNorm classes (detectron2's/torchvision's ``FrozenBatchNorm2d``
+    and anything shaped like them: ``weight``/``bias``/``running_mean``/
+    ``running_var`` buffers, an ``eps``, no parameters; they become trainable
+    SN), InstanceNorm, GroupNorm, with ``layer_norm=True`` also ``nn.LayerNorm``
+    over a single (channel) dimension, and whatever :func:`register_sn_converter`
+    added. gamma/beta, running statistics, ``eps``, ``momentum``, device, dtype,
+    training mode and a frozen layer's ``requires_grad=False`` carry over.
+    ``model`` itself is not modified.
+
+    Starting point: both logit vectors are set so that the original normalizer
+    has importance weight ``original_weight`` and the other two share the rest
+    (logits = log of the weights). The default 0.999 (a logit margin of
+    log(0.999 / 0.0005) = 7.6) keeps each layer within about 0.1% of the
+    original's normalization, so a pretrained network starts from (nearly) the
+    function it computed, while the logits' gradients, which scale with
+    w(1 - w) ~ 1e-3, are still large enough to move them. Lower it (1/3 is the
+    paper's uniform start) to let training leave the original normalizer sooner.
+
+    Exactness: BN, IN, GroupNorm with 1 group (= LN) or one group per channel
+    (= IN) and LayerNorm over the channels of an (N, C) input have an SN
+    branch that is exactly them. Other GroupNorms have none: such a layer
+    starts as a mix of IN and LN in the proportion ``t = log(C/G) / log(C)``
+    of LN (GroupNorm's place between IN, ``G = C``, and LN, ``G = 1``, on a log
+    scale of the group size), and a warning names it; ``strict=True`` raises
+    instead. InstanceNorm tracking running statistics is inexact in eval and
+    handled the same way.
+
+    ``layer_norm`` is off by default because a module cannot tell what it is
+    applied to: ``nn.LayerNorm(C)`` on (N, C) inputs is SN's LN, but on
+    (N, L, C) token sequences or channels-last maps (transformers, ConvNeXt) it
+    normalizes each position separately, which no SN branch does. Subclasses of
+    ``nn.LayerNorm`` (e.g. ConvNeXt's ``LayerNorm2d``) are never converted.
+
+    Args:
+        model: any module (also a single normalization layer).
+        original_weight: the starting importance weight of the original
+            normalizer, in (1/3, 1).
+        using_moving_average: passed to every new SN layer. With False, layers
+            converted from BatchNorm keep its running statistics as their
+            batch-average estimate; recompute them with
+            :func:`sn_plugin.recompute_batch_stats` after training.
+        layer_norm: also convert ``nn.LayerNorm`` over one dimension.
+        strict: raise for a layer that cannot start out exactly equal.
+
+    Raises:
+        ValueError: a bad ``original_weight``, or (``strict``) an inexact layer.
+    """
+    if not 1 / 3 < original_weight < 1:
+        raise ValueError(
+            f"convert_to_sn: original_weight must lie in (1/3, 1) so that the original normalizer is "
+            f"favoured and the softmax logits are finite, got {original_weight}"
+        )
+    options = ConversionOptions(original_weight, using_moving_average)
+    inexact = []
+
+    def convert(name, module):
+        if isinstance(module, SwitchNormBase):
+            return module
+        converter = _find_converter(module, layer_norm)
+        source = converter(module, options) if converter is not None else None
+        if source is None:
+            return None
+        if source.inexact:
+            if strict:
+                raise ValueError(f"convert_to_sn: {name or type(module).__name__}: {source.inexact}. "
+                                 f"Pass strict=False to convert it anyway.")
+            inexact.append(f"{name or type(module).__name__}: {source.inexact}")
+        return _build_sn(source, module, options)
+
+    converted = _replace_modules(model, convert)
+    if inexact:
+        warnings.warn("convert_to_sn: these layers cannot start out computing exactly what they did:\n  "
+                      + "\n  ".join(inexact), stacklevel=2)
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse SN
+# ---------------------------------------------------------------------------------------------
+
+# Logit gap of a hard choice: exp(-1e4) is 0 in every floating dtype, so the choice is
+# an exact one-hot; finite, unlike -inf, so weight decay or an optimizer cannot make it NaN.
+_HARD_MARGIN = 1e4
+
+
+def _batch_norm_from(sn: SwitchNormBase) -> _BatchNorm:
+    """The BatchNorm that computes what an SN layer choosing BN for mean and variance computes."""
+    cls = _BN_FOR_SN.get(type(sn), BatchNormXd)
+    extra = {"process_group": sn.process_group} if cls is nn.SyncBatchNorm else {}
+    bn = cls(sn.num_features, sn.eps, sn.momentum, sn.affine, sn.track_running_stats, device="meta", **extra)
+    for name in ("weight", "bias"):
+        setattr(bn, name, getattr(sn, name))
+    for name, buffer in sn._buffers.items():
+        setattr(bn, name, buffer)
+    bn.train(sn.training)
+    return bn
+
+
+def sparsify(model: nn.Module, freeze: bool = True) -> nn.Module:
+    """A copy of ``model`` as sparse SN: each layer keeps only its strongest normalizer.
+
+    The paper's sparse SN (Sec. 2.1, "Variants of SN"): per SN layer, the
+    argmax of the importance weights is chosen, separately for the mean and
+    for the variance, and the logits become a hard one-hot choice (a logit gap
+    so large that the other branches weigh exactly 0). The layer then computes one
+    normalizer's statistics, which is cheaper and deploys like a plain one.
+
+    With ``freeze`` (default) the choice is fixed for fine-tuning: the logits
+    stop requiring gradients, and a layer that chose BN for both statistics is
+    replaced by the equivalent BatchNorm (``SyncBatchNorm`` for a synchronized
+    layer, :class:`BatchNormXd` for a rank-free one), which in eval is a plain
+    per-channel affine that can be fused into the preceding convolution, and
+    which in training keeps SN's BN branch behaviour (batch statistics and
+    running averages with the layer's momentum). Without ``freeze`` every layer
+    stays SN with trainable logits (their gradients vanish at a hard choice, so
+    the choice stays in practice; use it when a checkpoint or optimizer expects
+    the parameters). ``model`` is not modified.
+    """
+
+    def convert(name, module):
+        if not isinstance(module, SwitchNormBase):
+            return None
+        with torch.no_grad():
+            for logits in (module.mean_weight, module.var_weight):
+                choice = int(logits.argmax())
+                logits.fill_(-_HARD_MARGIN)
+                logits[choice] = 0.0
+        chose_bn = module.using_bn and int(module.mean_weight.argmax()) == BN == int(module.var_weight.argmax())
+        if freeze:
+            module.mean_weight.requires_grad_(False)
+            module.var_weight.requires_grad_(False)
+            if chose_bn:
+                return _batch_norm_from(module)
+        return module
+
+    return _replace_modules(model, convert)

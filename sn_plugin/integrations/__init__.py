@@ -1,0 +1,6 @@
+"""Toolkit adapters. Each submodule imports its toolkit when it is imported, never before.
+
+- :mod:`sn_plugin.integrations.openmmlab`: SN norm types, hooks and an optimizer
+  constructor for mmengine-based toolkits (MMDetection, MMSegmentation,
+  MMAction2, MMPretrain); name it in a config's ``custom_imports``.
+"""

@@ -31,10 +31,11 @@ BRANCH_NAMES = ("IN", "LN", "BN")
 # Instance statistics start from ATen's group-norm kernel (one group per
 # channel), which needs eps > 0 to keep zero-variance channels finite.
 _STAT_EPS = 1e-5
-# Above this |mean| / std ratio the backward centres the input before scaling it,
-# so that a * x + b does not lose the signal to cancellation (float32 inputs with
-# a large offset); below it the cheaper uncentred form is exact enough.
-_CENTRE_RATIO = 64.0
+# Above this |mean| / std ratio (of any (n, c) row) the input counts as having a
+# large offset: the IN statistics are re-measured on the centred data and the
+# backward centres the input before scaling it, so that float32 rounding of the
+# offset does not swamp the signal. Below it the cheaper forms are exact enough.
+_LARGE_OFFSET_RATIO = 64.0
 # The (N, C)-sized statistics are kept in float64: they are tiny, and it means the
 # only roundings are those of the full-size passes, which run in the input's
 # precision (float32 for float16/bfloat16 inputs).
@@ -48,25 +49,29 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _instance_moments(xs: Tensor):
     """IN statistics of a contiguous (N, C, S) float32/float64 tensor.
 
-    Returns ``(x_hat, pivot, rstd_in, mean_in, var_in)``: ``x_hat = (x - pivot) *
-    rstd_in`` is a fresh buffer the caller may overwrite; ``pivot`` and
-    ``rstd_in`` are the group-norm kernel's mean and 1/std in the input's
-    precision; ``mean_in``/``var_in`` the float64 mean and population variance.
-    They are re-measured on ``x_hat``, whose values are centred and of order 1:
-    for inputs with a large mean this recovers what the kernel's float32
-    statistics lose (about 1e-4 of the variance at mean 1e4, std 1).
+    Returns ``(x_hat, pivot, rstd_in, mean_in, var_in, large_offset)``:
+    ``x_hat = (x - pivot) * rstd_in`` is a fresh buffer the caller may overwrite;
+    ``pivot`` and ``rstd_in`` are the group-norm kernel's mean and 1/std in the
+    input's precision; ``mean_in``/``var_in`` the float64 mean and population
+    variance. For inputs with a large offset (``large_offset``) they are
+    re-measured on ``x_hat``, whose values are centred and of order 1: that
+    recovers what the kernel's float32 statistics lose (about 1e-4 of the
+    variance at mean 1e4, std 1).
     """
     n, c, s = xs.shape
     if xs.numel() == 0:  # an empty shard of a synchronized batch
         empty = xs.new_zeros(n, c)
-        return xs.clone(), empty, empty + 1, empty.to(_STATS), empty.to(_STATS)
+        return xs.clone(), empty, empty + 1, empty.to(_STATS), empty.to(_STATS), False
     x_hat, pivot, rstd_in = torch.native_group_norm(xs, None, None, n, c, s, c, _STAT_EPS)
     std_in = rstd_in.to(_STATS).reciprocal()
+    large_offset = xs.dtype != torch.float64 and bool((pivot.abs() * rstd_in > _LARGE_OFFSET_RATIO).any())
+    if not large_offset:
+        return x_hat, pivot, rstd_in, pivot.to(_STATS), (std_in.square() - _STAT_EPS).clamp_min_(0.0), False
     hat_mean = x_hat.sum(-1).to(_STATS) / s
     hat_sq_mean = torch.linalg.vector_norm(x_hat, 2, -1).to(_STATS).square() / s
     mean_in = pivot.to(_STATS) + hat_mean * std_in
     var_in = (hat_sq_mean - hat_mean.square()).clamp_min_(0.0) * std_in.square()
-    return x_hat, pivot, rstd_in, mean_in, var_in
+    return x_hat, pivot, rstd_in, mean_in, var_in, True
 
 
 def _sum_over_batch(t: Tensor, group) -> Tensor:
@@ -102,18 +107,18 @@ class _Stats:
     """Everything the backward pass needs besides the input, all O(N*C)."""
 
     __slots__ = ("means", "vars", "pivot", "mean", "rstd", "mean_weight", "var_weight", "count",
-                 "batch_stats")
+                 "batch_stats", "large_offset")
 
     def tensors(self) -> List[Tensor]:
         return [self.pivot, self.mean, self.rstd, self.mean_weight, self.var_weight, *self.means, *self.vars]
 
     @classmethod
-    def from_tensors(cls, tensors, count: float, batch_stats: bool) -> "_Stats":
+    def from_tensors(cls, tensors, count: float, batch_stats: bool, large_offset: bool) -> "_Stats":
         stats = cls()
         stats.pivot, stats.mean, stats.rstd, stats.mean_weight, stats.var_weight = tensors[:5]
         branches = (len(tensors) - 5) // 2
         stats.means, stats.vars = list(tensors[5:5 + branches]), list(tensors[5 + branches:])
-        stats.count, stats.batch_stats = count, batch_stats
+        stats.count, stats.batch_stats, stats.large_offset = count, batch_stats, large_offset
         return stats
 
 
@@ -138,7 +143,7 @@ def _forward(
     n, c, s = x3.shape
     compute = _compute_dtype(x3.dtype)
     xs = x3 if x3.dtype == compute else x3.to(compute)
-    x_hat, pivot, rstd_in, mean_in, var_in = _instance_moments(xs)
+    x_hat, pivot, rstd_in, mean_in, var_in, large_offset = _instance_moments(xs)
 
     mean_ln = mean_in.mean(1, keepdim=True)
     var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
@@ -174,7 +179,7 @@ def _forward(
     stats = _Stats()
     stats.means, stats.vars, stats.pivot, stats.mean, stats.rstd = means, variances, pivot, mean, rstd
     stats.mean_weight, stats.var_weight = mw, vw
-    stats.count, stats.batch_stats = count, batch_stats
+    stats.count, stats.batch_stats, stats.large_offset = count, batch_stats, large_offset
     return out.to(x3.dtype), stats
 
 
@@ -233,7 +238,7 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
         a = 2.0 * grad_var_in / s
         offset = grad_mean_in / s
         pivot = stats.pivot
-        if n * c * s > 0 and _needs_centring(pivot, stats.vars[IN]):
+        if stats.large_offset:
             offset = offset + a * (pivot.to(_STATS) - mean_in)
             grad_input = (xs - pivot.unsqueeze(-1)).mul_(a.to(compute).unsqueeze(-1))
             grad_input.add_(offset.to(compute).unsqueeze(-1))
@@ -245,12 +250,6 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
     return grad_input, grad_mean_weight, grad_var_weight, grad_weight, grad_bias
 
 
-def _needs_centring(pivot: Tensor, var_in: Tensor) -> bool:
-    if pivot.dtype == torch.float64:
-        return False
-    return bool((pivot.abs().to(_STATS) > _CENTRE_RATIO * (var_in + _STAT_EPS).sqrt()).any())
-
-
 class _SwitchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, mean_weight, var_weight, weight, bias, running_mean, running_var,
@@ -260,7 +259,8 @@ class _SwitchNormFunction(torch.autograd.Function):
         # Saved through save_for_backward (not as ctx attributes) so that
         # saved-tensor hooks (offloading, memory accounting) see everything.
         ctx.save_for_backward(x3, weight, *stats.tensors())
-        ctx.count, ctx.batch_stats, ctx.group = stats.count, stats.batch_stats, group
+        ctx.count, ctx.batch_stats, ctx.large_offset, ctx.group = (
+            stats.count, stats.batch_stats, stats.large_offset, group)
         ctx.param_dtypes = [None if t is None else t.dtype for t in (mean_weight, var_weight, weight, bias)]
         return out
 
@@ -268,7 +268,7 @@ class _SwitchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x3, weight, *tensors = ctx.saved_tensors
-        stats = _Stats.from_tensors(tensors, ctx.count, ctx.batch_stats)
+        stats = _Stats.from_tensors(tensors, ctx.count, ctx.batch_stats, ctx.large_offset)
         grad_input, *param_grads = _backward(grad_out, x3, weight, stats, ctx.group, ctx.needs_input_grad)
         param_grads = [g if g is None else g.to(dt) for g, dt in zip(param_grads, ctx.param_dtypes)]
         return (grad_input, *param_grads) + (None,) * 6

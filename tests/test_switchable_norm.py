@@ -67,6 +67,14 @@ def test_matches_paper_equations(shape, using_bn, training):
     torch.testing.assert_close(m(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [30.0, 300.0])  # below and above the large-offset path's threshold
+def test_offset_inputs_match_paper_equations(offset):
+    torch.manual_seed(14)
+    x = torch.randn(4, 6, 9, 9) + offset * torch.rand(1, 6, 1, 1)
+    m = randomise(SwitchNorm2d(6))
+    torch.testing.assert_close(m(x).double(), reference_sn(x, m, True), rtol=1e-4, atol=1e-4)
+
+
 def test_one_dimensional_input_without_length():
     x = torch.randn(8, 5)
     m = randomise(SwitchNorm1d(5))

@@ -106,19 +106,24 @@ def _batch_moments(mean_in: Tensor, var_in: Tensor, group) -> Tuple[Tensor, Tens
 class _Stats:
     """Everything the backward pass needs besides the input, all O(N*C)."""
 
-    __slots__ = ("means", "vars", "pivot", "mean", "rstd", "mean_weight", "var_weight", "count",
-                 "batch_stats", "large_offset")
+    __slots__ = ("means", "vars", "pivot", "mean", "rstd", "mean_weight", "var_weight",
+                 "count", "batch_stats", "large_offset", "in_var_divisor")
+    _SCALARS = ("count", "batch_stats", "large_offset", "in_var_divisor")
 
     def tensors(self) -> List[Tensor]:
         return [self.pivot, self.mean, self.rstd, self.mean_weight, self.var_weight, *self.means, *self.vars]
 
+    def scalars(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._SCALARS)
+
     @classmethod
-    def from_tensors(cls, tensors, count: float, batch_stats: bool, large_offset: bool) -> "_Stats":
+    def rebuild(cls, tensors, scalars) -> "_Stats":
         stats = cls()
         stats.pivot, stats.mean, stats.rstd, stats.mean_weight, stats.var_weight = tensors[:5]
         branches = (len(tensors) - 5) // 2
         stats.means, stats.vars = list(tensors[5:5 + branches]), list(tensors[5 + branches:])
-        stats.count, stats.batch_stats, stats.large_offset = count, batch_stats, large_offset
+        for name, value in zip(cls._SCALARS, scalars):
+            setattr(stats, name, value)
         return stats
 
 
@@ -134,6 +139,7 @@ def _forward(
     momentum: float,
     eps: float,
     group,
+    unbiased_instance_var: bool = False,
 ) -> Tuple[Tensor, _Stats]:
     """SN forward on a contiguous (N, C, S) tensor; returns (output, stats).
 
@@ -144,6 +150,9 @@ def _forward(
     compute = _compute_dtype(x3.dtype)
     xs = x3 if x3.dtype == compute else x3.to(compute)
     x_hat, pivot, rstd_in, mean_in, var_in, large_offset = _instance_moments(xs)
+    in_var_divisor = float(s - 1 if unbiased_instance_var and s > 1 else s)
+    if in_var_divisor != s:
+        var_in = var_in * (s / in_var_divisor)
 
     mean_ln = mean_in.mean(1, keepdim=True)
     var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
@@ -180,6 +189,7 @@ def _forward(
     stats.means, stats.vars, stats.pivot, stats.mean, stats.rstd = means, variances, pivot, mean, rstd
     stats.mean_weight, stats.var_weight = mw, vw
     stats.count, stats.batch_stats, stats.large_offset = count, batch_stats, large_offset
+    stats.in_var_divisor = in_var_divisor
     return out.to(x3.dtype), stats
 
 
@@ -235,7 +245,7 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
             grad_var_in = grad_var_in + bn_var_grad
         # dx = k * dy + a * (x - mean_in) + grad_mean_in / S
         k = rstd if gamma is None else rstd * gamma
-        a = 2.0 * grad_var_in / s
+        a = 2.0 * grad_var_in / stats.in_var_divisor
         offset = grad_mean_in / s
         pivot = stats.pivot
         if stats.large_offset:
@@ -253,14 +263,13 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
 class _SwitchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, mean_weight, var_weight, weight, bias, running_mean, running_var,
-                batch_stats, momentum, eps, group):
+                batch_stats, momentum, eps, group, unbiased_instance_var):
         out, stats = _forward(x3, mean_weight, var_weight, weight, bias, running_mean, running_var,
-                              batch_stats, momentum, eps, group)
+                              batch_stats, momentum, eps, group, unbiased_instance_var)
         # Saved through save_for_backward (not as ctx attributes) so that
         # saved-tensor hooks (offloading, memory accounting) see everything.
         ctx.save_for_backward(x3, weight, *stats.tensors())
-        ctx.count, ctx.batch_stats, ctx.large_offset, ctx.group = (
-            stats.count, stats.batch_stats, stats.large_offset, group)
+        ctx.scalars, ctx.group = stats.scalars(), group
         ctx.param_dtypes = [None if t is None else t.dtype for t in (mean_weight, var_weight, weight, bias)]
         return out
 
@@ -268,10 +277,10 @@ class _SwitchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x3, weight, *tensors = ctx.saved_tensors
-        stats = _Stats.from_tensors(tensors, ctx.count, ctx.batch_stats, ctx.large_offset)
+        stats = _Stats.rebuild(tensors, ctx.scalars)
         grad_input, *param_grads = _backward(grad_out, x3, weight, stats, ctx.group, ctx.needs_input_grad)
         param_grads = [g if g is None else g.to(dt) for g, dt in zip(param_grads, ctx.param_dtypes)]
-        return (grad_input, *param_grads) + (None,) * 6
+        return (grad_input, *param_grads) + (None,) * 7
 
 
 def switch_norm(
@@ -286,6 +295,7 @@ def switch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group=None,
+    unbiased_instance_var: bool = False,
 ) -> Tensor:
     """Switchable Normalization of ``input`` of shape (N, C, *).
 
@@ -300,9 +310,14 @@ def switch_norm(
             ``F.batch_norm``.
         process_group: when given (and ``training``), BN statistics are taken
             over every process of the group.
+        unbiased_instance_var: divide the IN variance by S - 1 instead of S (the
+            convention of the authors' released implementation; the LN and BN
+            variances derived from it inherit it). Only for reproducing models
+            trained that way; the paper's Eq. 2 is the default.
 
-    Statistics are accumulated in float32 (float64 for float64 inputs); the
-    output has the input's dtype. An empty batch returns an empty output through
+    Full-size passes run in the input's precision (float32 for float16 and
+    bfloat16); the O(N*C) statistics are kept in float64. The output has the
+    input's dtype. An empty batch returns an empty output through
     which gradients still flow, and leaves the running statistics untouched.
     """
     n, c = input.shape[0], input.shape[1]
@@ -320,7 +335,7 @@ def switch_norm(
     with torch.autocast(input.device.type, enabled=False):
         args = (mean_weight, var_weight, weight, bias,
                 running_mean if k == 3 else None, running_var if k == 3 else None,
-                batch_stats, momentum, eps, process_group)
+                batch_stats, momentum, eps, process_group, unbiased_instance_var)
         if torch.is_grad_enabled() and (input.requires_grad or any(
                 t is not None and t.requires_grad for t in (mean_weight, var_weight, weight, bias))):
             out = _SwitchNormFunction.apply(x3, *args)

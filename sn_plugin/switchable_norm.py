@@ -45,6 +45,11 @@ class SwitchNormBase(_NormBase):
             before that raises an error instead of using the initial 0/1 buffers.
         last_gamma: initialise gamma to 0 (zero-init of the last norm layer in a
             residual block).
+        unbiased_instance_var: divide the IN variance by (spatial size - 1), as
+            the authors' released implementation did. Set it to reproduce the
+            outputs of a network converted from their checkpoints (see
+            docs/model_zoo.md); it is a construction setting, not saved in the
+            state dict. Default: Eq. 2 of the paper (population variance).
 
     In training, a batch of one sample makes the BN statistics equal the IN
     ones (so SN effectively mixes IN and LN, as the paper notes); when the
@@ -66,10 +71,12 @@ class SwitchNormBase(_NormBase):
         using_bn: bool = True,
         using_moving_average: bool = True,
         last_gamma: bool = False,
+        unbiased_instance_var: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         self.using_bn = using_bn
+        self.unbiased_instance_var = unbiased_instance_var
         self.using_moving_average = using_moving_average
         self.last_gamma = last_gamma
         super().__init__(num_features, eps, momentum, affine, track_running_stats and using_bn, device, dtype)
@@ -155,6 +162,7 @@ class SwitchNormBase(_NormBase):
             momentum,
             self.eps,
             group,
+            self.unbiased_instance_var,
         )
 
     def __prepare_scriptable__(self):
@@ -175,6 +183,7 @@ class SwitchNormBase(_NormBase):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, using_bn={self.using_bn}, "
             f"using_moving_average={self.using_moving_average}, last_gamma={self.last_gamma}, "
+            + ("unbiased_instance_var=True, " if self.unbiased_instance_var else "") +
             f"mean_weight={fmt(mean_w)}, var_weight={fmt(var_w)}"
         )
 
@@ -217,10 +226,10 @@ class SyncSwitchNorm(SwitchNormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
-                 using_moving_average: bool = True, last_gamma: bool = False, process_group=None,
-                 device=None, dtype=None) -> None:
+                 using_moving_average: bool = True, last_gamma: bool = False,
+                 unbiased_instance_var: bool = False, process_group=None, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, using_bn,
-                         using_moving_average, last_gamma, device, dtype)
+                         using_moving_average, last_gamma, unbiased_instance_var, device, dtype)
         self.process_group = process_group
 
     def _stats_group(self):

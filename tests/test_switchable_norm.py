@@ -12,19 +12,29 @@ SHAPES = [(4, 6, 7), (4, 6, 5, 3), (3, 4, 2, 3, 4)]
 
 
 def reference_sn(x, m, training):
-    """Eq. 2-3 of the paper, each scope's statistics computed directly from the data."""
+    """Eq. 2-3 of the paper, each scope's statistics computed directly from the data.
+
+    With ``m.unbiased_instance_var`` the released code's convention instead: IN
+    variance divided by S - 1, LN/BN variances derived from it by Eq. 4.
+    """
     dims = tuple(range(2, x.dim()))
     xd = x.double()
     mean_in, var_in = xd.mean(dims, keepdim=True), xd.var(dims, unbiased=False, keepdim=True)
     ln_dims = (1,) + dims
     mean_ln, var_ln = xd.mean(ln_dims, keepdim=True), xd.var(ln_dims, unbiased=False, keepdim=True)
+    if m.unbiased_instance_var:
+        var_in = xd.var(dims, unbiased=True, keepdim=True)
+        var_ln = (var_in + mean_in ** 2).mean(1, keepdim=True) - mean_ln ** 2
     means, variances = [mean_in, mean_ln], [var_in, var_ln]
     if m.using_bn:
         shape = (1, -1) + (1,) * len(dims)
         if training:
             bn_dims = (0,) + dims
             means.append(xd.mean(bn_dims, keepdim=True))
-            variances.append(xd.var(bn_dims, unbiased=False, keepdim=True))
+            if m.unbiased_instance_var:
+                variances.append((var_in + mean_in ** 2).mean(0, keepdim=True) - means[-1] ** 2)
+            else:
+                variances.append(xd.var(bn_dims, unbiased=False, keepdim=True))
         else:
             means.append(m.running_mean.double().view(shape))
             variances.append(m.running_var.double().view(shape))
@@ -73,6 +83,23 @@ def test_offset_inputs_match_paper_equations(offset):
     x = torch.randn(4, 6, 9, 9) + offset * torch.rand(1, 6, 1, 1)
     m = randomise(SwitchNorm2d(6))
     torch.testing.assert_close(m(x).double(), reference_sn(x, m, True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_released_unbiased_instance_variance_convention(training):
+    torch.manual_seed(15)
+    x = torch.randn(3, 5, 2, 3)  # small maps, where S / (S - 1) matters
+    m = randomise(SwitchNorm2d(5, unbiased_instance_var=True)).train(training)
+    torch.testing.assert_close(m(x).double(), reference_sn(x, m, training), rtol=1e-5, atol=1e-5)
+    assert "unbiased_instance_var=True" in repr(m)
+    m = m.double()
+    x = x.double().requires_grad_()
+
+    def fn(x, weight, bias, mean_logits, var_logits):
+        return switch_norm(x, m.running_mean, m.running_var, mean_logits.softmax(0), var_logits.softmax(0),
+                           weight, bias, training=training, unbiased_instance_var=True)
+
+    assert torch.autograd.gradcheck(fn, (x, m.weight, m.bias, m.mean_weight, m.var_weight))
 
 
 def test_one_dimensional_input_without_length():

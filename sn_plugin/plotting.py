@@ -1,0 +1,235 @@
+"""The paper's Fig. 7: every SN layer's importance weights, as stacked bars.
+
+Weights come from a model, or straight from a checkpoint's logits
+(``*.mean_weight`` / ``*.var_weight``), so a checkpoint can be inspected
+without building its model. matplotlib is imported only when a figure is drawn.
+"""
+import csv
+import io
+import os
+import tempfile
+from collections import OrderedDict
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .functional import BRANCH_NAMES
+from .introspection import importance_weights, stage_of
+
+__all__ = [
+    "importance_weights_from_checkpoint", "importance_weights_from_state_dict", "plot_importance_weights",
+    "save_importance_figure", "write_importance_csv",
+]
+
+Weights = "OrderedDict[str, Tuple[Tensor, Tensor]]"
+# Colour-blind-safe, one per branch, in BRANCH_NAMES order.
+BRANCH_COLOURS = ("#4477AA", "#EE7733", "#228833")
+_LOGIT_SUFFIXES = (".mean_weight", ".var_weight")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+
+
+def _unwrap_checkpoint(checkpoint: Mapping) -> Mapping:
+    """The state dict inside a checkpoint: mmengine's ``state_dict``, detectron2's ``model``,
+    or the checkpoint itself."""
+    for key in ("state_dict", "model", "module"):
+        inner = checkpoint.get(key)
+        if isinstance(inner, Mapping):
+            return inner
+    return checkpoint
+
+
+def _strip_wrappers(name: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+def importance_weights_from_state_dict(checkpoint: Mapping) -> Weights:
+    """Per SN layer, the softmaxed (mean, variance) weights read from a state dict's logits.
+
+    Accepts a plain state dict or a checkpoint holding one under ``state_dict``
+    or ``model``; ``module.`` prefixes (DataParallel/DDP) are removed. Layers
+    keep the state dict's order (the model's module order).
+    """
+    state = _unwrap_checkpoint(checkpoint)
+    logits: Dict[str, Dict[str, Tensor]] = OrderedDict()
+    for key, value in state.items():
+        for suffix in _LOGIT_SUFFIXES:
+            if isinstance(key, str) and key.endswith(suffix):
+                name = _strip_wrappers(key[: -len(suffix)])
+                logits.setdefault(name, {})[suffix] = torch.as_tensor(value).detach().float().cpu()
+    weights = OrderedDict()
+    for name, pair in logits.items():
+        if len(pair) != 2 or pair[".mean_weight"].shape != pair[".var_weight"].shape \
+                or pair[".mean_weight"].numel() not in (2, 3):
+            raise ValueError(f"checkpoint entry {name!r}: expected {name}.mean_weight and {name}.var_weight "
+                             f"with 3 ([IN, LN, BN]) or 2 ([IN, LN]) entries each, got "
+                             f"{ {k: tuple(v.shape) for k, v in pair.items()} }")
+        weights[name] = (pair[".mean_weight"].softmax(0), pair[".var_weight"].softmax(0))
+    if not weights:
+        raise ValueError(
+            "no SN importance logits found: the state dict has no '<layer>.mean_weight' / '<layer>.var_weight' "
+            f"entries (it has {len(state)} entries, e.g. {list(state)[:3]}). Pass a checkpoint of a model "
+            "with Switchable Normalization layers."
+        )
+    return weights
+
+
+def importance_weights_from_checkpoint(path: str) -> Weights:
+    """:func:`importance_weights_from_state_dict` of a checkpoint file (read on the CPU).
+
+    Tries torch's safe ``weights_only`` loading first; checkpoints holding other
+    Python objects (e.g. mmengine's ``meta``) are then unpickled in full, which
+    runs code from the file: only do this with checkpoints you trust.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickle of non-tensor objects: refused by weights_only
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a state dict or a checkpoint dict")
+    return importance_weights_from_state_dict(checkpoint)
+
+
+def _as_weights(source: Union[nn.Module, Mapping]) -> Weights:
+    if isinstance(source, nn.Module):
+        weights = importance_weights(source)
+        if not weights:
+            raise ValueError(f"{type(source).__name__} has no Switchable Normalization layers to plot")
+        return weights
+    if all(isinstance(v, (tuple, list)) and len(v) == 2 for v in source.values()) and source:
+        return OrderedDict(source)  # already name -> (mean, var) weights
+    return importance_weights_from_state_dict(source)
+
+
+def _padded(weights: Tensor) -> list:
+    values = weights.tolist()
+    return values + [0.0] * (3 - len(values))
+
+
+def plot_importance_weights(
+    source: Union[nn.Module, Mapping],
+    title: Optional[str] = None,
+    stage: Callable[[str], str] = stage_of,
+):
+    """A figure of every SN layer's IN/LN/BN importance weights (paper, Fig. 7).
+
+    Two panels, mean weights above and variance weights below, one stacked bar
+    per layer in module order, grouped by stage (``stage(name)``, default
+    :func:`sn_plugin.stage_of`) with a separator and the stage name. The width
+    grows with the number of layers so a ResNet-50's 53 labels stay readable.
+
+    Args:
+        source: a model, a state dict / checkpoint dict with SN logits, or the
+            result of :func:`sn_plugin.importance_weights`.
+        title: the figure's title.
+    Returns:
+        a matplotlib ``Figure`` (not registered with pyplot); save it with
+        :func:`save_importance_figure` or ``figure.savefig``.
+    """
+    # A bare Figure renders with Agg and leaves pyplot's backend and figure list alone.
+    from matplotlib.figure import Figure
+
+    weights = _as_weights(source)
+    names = list(weights)
+    stages = [stage(n) for n in names]
+    n = len(names)
+    width = min(max(8.0, 0.2 * n + 2.5), 60.0)
+    figure = Figure(figsize=(width, 6.2), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
+    positions = list(range(n))
+    for row, (ax, label) in enumerate(zip(axes, ("mean", "variance"))):
+        values = [_padded(weights[name][row]) for name in names]
+        bottom = [0.0] * n
+        for branch, (branch_name, colour) in enumerate(zip(BRANCH_NAMES, BRANCH_COLOURS)):
+            heights = [v[branch] for v in values]
+            ax.bar(positions, heights, bottom=bottom, width=0.85, color=colour, label=branch_name,
+                   edgecolor="white", linewidth=0.3)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_ylim(0, 1)
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylabel(f"{label} weights")
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.tick_params(axis="y", labelsize=8)
+        _mark_stages(ax, stages, label_stages=row == 0)
+    axes[0].legend(loc="lower left", bbox_to_anchor=(1.0, 0.0), frameon=False, fontsize=9)
+    axes[1].set_xticks(positions)
+    axes[1].set_xticklabels([_short_name(name, s) for name, s in zip(names, stages)], rotation=90,
+                            fontsize=7 if n > 30 else 8, family="monospace")
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def _short_name(name: str, stage: str) -> str:
+    """A layer's name within its stage (``layer1.0.bn1`` -> ``0.bn1``)."""
+    if stage and name.startswith(stage + ".") and len(name) > len(stage) + 1:
+        return name[len(stage) + 1:]
+    return name
+
+
+def _stage_runs(stages):
+    """(stage, first index, last index) of each run of equal consecutive stages."""
+    runs = []
+    for i, s in enumerate(stages):
+        if runs and runs[-1][0] == s:
+            runs[-1][2] = i
+        else:
+            runs.append([s, i, i])
+    return runs
+
+
+def _mark_stages(ax, stages, label_stages: bool) -> None:
+    runs = _stage_runs(stages)
+    prefix = os.path.commonprefix([r[0] + "." for r in runs]) if len(runs) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]  # whole name components only
+    for index, (name, first, last) in enumerate(runs):
+        if index:
+            ax.axvline(first - 0.5, color="black", linewidth=0.8, linestyle="--")
+        if label_stages:
+            ax.text((first + last) / 2, 1.02, name[len(prefix):] or name, transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8, rotation=0 if last - first >= 2 else 90)
+
+
+def _atomic_write(path: str, write: Callable[[io.IOBase], None], binary: bool) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_importance_figure(figure, path: str, dpi: int = 130) -> None:
+    """Save a figure atomically (no half-written file if interrupted); the format follows the extension."""
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    _atomic_write(path, lambda f: figure.savefig(f, format=fmt, dpi=dpi), binary=True)
+
+
+def write_importance_csv(source: Union[nn.Module, Mapping], path: str, stage: Callable[[str], str] = stage_of) -> None:
+    """Write the weights as CSV (atomically): ``layer, stage, mean_IN, mean_LN, mean_BN, var_IN,
+    var_LN, var_BN``; the BN columns are empty for layers without a BN branch."""
+    weights = _as_weights(source)
+
+    def write(f):
+        writer = csv.writer(f)
+        writer.writerow(["layer", "stage"] + [f"{kind}_{b}" for kind in ("mean", "var") for b in BRANCH_NAMES])
+        for name, (mean_w, var_w) in weights.items():
+            cells = []
+            for w in (mean_w, var_w):
+                values = [repr(float(v)) for v in w.tolist()]
+                cells += values + [""] * (3 - len(values))
+            writer.writerow([name, stage(name)] + cells)
+
+    _atomic_write(path, write, binary=False)

@@ -1,0 +1,140 @@
+"""tools/plot_sn_weights.py and sn_plugin.plotting: the paper's Fig. 7 (issue 4)."""
+import csv
+import hashlib
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("matplotlib")
+
+from sn_plugin import SwitchNorm2d, importance_weights  # noqa: E402
+from sn_plugin.plotting import (  # noqa: E402
+    importance_weights_from_state_dict, plot_importance_weights, write_importance_csv,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("plot_sn_weights", os.path.join(ROOT, "tools", "plot_sn_weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Backbone(nn.Module):
+    """Names like an OpenMMLab ResNet: a stem norm and two stages of blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.sn1 = SwitchNorm2d(4)
+        self.layer1 = nn.ModuleList([nn.ModuleDict({"sn1": SwitchNorm2d(4), "sn2": SwitchNorm2d(4)})
+                                     for _ in range(2)])
+        self.layer2 = nn.ModuleList([nn.ModuleDict({"sn1": SwitchNorm2d(4, using_bn=False)})])
+
+
+def build_model():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = Backbone()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SwitchNorm2d):
+                m.mean_weight.normal_()
+                m.var_weight.normal_()
+    return model
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_csv_matches(rows, model):
+    expected = importance_weights(model)
+    assert [r["layer"] for r in rows] == list(expected)
+    for row in rows:
+        mean_w, var_w = expected[row["layer"]]
+        for kind, w in (("mean", mean_w), ("var", var_w)):
+            values = [row[f"{kind}_{b}"] for b in ("IN", "LN", "BN")][: w.numel()]
+            assert [float(v) for v in values] == pytest.approx(w.tolist(), abs=1e-7)
+            if w.numel() == 2:
+                assert row[f"{kind}_BN"] == ""
+    assert rows[1]["stage"] == "backbone.layer1" and rows[0]["stage"] == "backbone"
+
+
+def test_checkpoint_to_png_and_csv(tmp_path):
+    model = build_model()
+    ckpt = tmp_path / "epoch_1.pth"
+    # mmengine-style: a 'state_dict' with DDP's 'module.' prefixes and a 'meta' of other objects
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "meta": {"epoch": 1, "cfg": "..."}}, ckpt)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    out = tmp_path / "figs" / "weights.png"
+    load_tool().main([str(ckpt), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert_csv_matches(read_csv(tmp_path / "figs" / "weights.csv"), model)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest  # the checkpoint is only read
+    assert sorted(os.listdir(tmp_path / "figs")) == ["weights.csv", "weights.png"]  # no temporary files left
+
+
+def test_model_builder_source(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom test_plot_sn_weights import build_model\n" % os.path.dirname(__file__))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    load_tool().main(["my_models:build_model", "--out", "w.svg", "--csv", "numbers.csv"])
+    assert (tmp_path / "w.svg").read_text().lstrip().startswith("<?xml")
+    assert_csv_matches(read_csv(tmp_path / "numbers.csv"), build_model())
+
+
+def test_detectron2_checkpoint_with_numpy_arrays():
+    model = build_model()
+    checkpoint = {"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "d2"}
+    weights = importance_weights_from_state_dict(checkpoint)
+    for name, (mean_w, var_w) in importance_weights(model).items():
+        torch.testing.assert_close(weights[name][0], mean_w)
+        torch.testing.assert_close(weights[name][1], var_w)
+
+
+def test_figure_bars_are_the_weights_grouped_by_stage():
+    model = build_model()
+    figure = plot_importance_weights(model, title="t")
+    mean_ax, var_ax = figure.axes[:2]
+    weights = list(importance_weights(model).values())
+    heights = [p.get_height() for p in var_ax.patches]  # bar containers in branch order: IN, LN, BN
+    n = len(weights)
+    assert heights[:n] == pytest.approx([w[1][0].item() for w in weights], abs=1e-6)
+    assert heights[2 * n:3 * n] == pytest.approx([w[1][2].item() if w[1].numel() == 3 else 0.0
+                                                  for w in weights], abs=1e-6)
+    stage_labels = [t.get_text() for t in mean_ax.texts]
+    assert stage_labels == ["backbone", "layer1", "layer2"]
+    assert [t.get_text() for t in var_ax.get_xticklabels()] == ["sn1", "0.sn1", "0.sn2", "1.sn1", "1.sn2", "0.sn1"]
+
+
+def test_csv_from_a_weights_mapping(tmp_path):
+    model = build_model()
+    write_importance_csv(importance_weights(model), str(tmp_path / "w.csv"))
+    assert_csv_matches(read_csv(tmp_path / "w.csv"), model)
+
+
+def test_bad_sources_give_clear_errors(tmp_path, capsys):
+    tool = load_tool()
+    bn_ckpt = tmp_path / "bn.pth"
+    torch.save(nn.Sequential(nn.BatchNorm2d(3)).state_dict(), bn_ckpt)
+    with pytest.raises(SystemExit, match="no SN importance logits found"):
+        tool.main([str(bn_ckpt), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="neither an existing checkpoint file nor 'module:callable'"):
+        tool.main([str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit, match="cannot load 'no_such_module:build'"):
+        tool.main(["no_such_module:build", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="no Switchable Normalization layers"):
+        plot_importance_weights(nn.Conv2d(3, 3, 1))
+    broken = {"a.mean_weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match="'a': expected a.mean_weight and a.var_weight"):
+        importance_weights_from_state_dict(broken)
+    assert not (tmp_path / "x.png").exists()

@@ -65,10 +65,11 @@ class _Accumulator:
         self.current_batch = -1  # the batch index counted last, to count shared layers once
         self.batch_index = 0
 
-    def __call__(self, layer: nn.Module, args) -> None:
-        x = args[0].detach()
-        if x.numel() == 0:
+    def __call__(self, layer: nn.Module, args, kwargs) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.numel() == 0:
             return
+        x = x.detach()
         dims = [0] + list(range(2, x.dim()))
         values = x.numel() // x.shape[1]
         # var_mean is a stable one-pass reduction in the input's precision;
@@ -287,7 +288,7 @@ def recompute_batch_stats(
         estimated = {name: m for name, m in layers.items() if m.training}
         for name, layer in estimated.items():
             accumulators[name] = _Accumulator(layer)
-            handles.append(layer.register_forward_pre_hook(accumulators[name]))
+            handles.append(layer.register_forward_pre_hook(accumulators[name], with_kwargs=True))
 
         total = num_batches
         if total is not None and hasattr(batches, "__len__"):

@@ -182,6 +182,21 @@ def test_shared_layer_counts_each_batch_once_and_uses_every_call():
     torch.testing.assert_close(model.sn.running_var.double(), values.var(1, unbiased=False))
 
 
+def test_layer_called_with_a_keyword_input():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sn = SwitchNorm2d(3)
+
+        def forward(self, x):
+            return self.sn(input=x)
+
+    model = Keyword()
+    batches = make_batches(((2, 4),))
+    recompute_batch_stats(model, batches, progress=False)
+    torch.testing.assert_close(model.sn.running_mean.double(), batches[0].double().mean((0, 2, 3)))
+
+
 def test_progress_through_a_logger(caplog):
     logger = logging.getLogger("test_batch_stats")
     with caplog.at_level(logging.INFO, logger="test_batch_stats"):

@@ -131,6 +131,41 @@ def test_sync_batch_norm_becomes_sync_switch_norm_in_its_group():
     assert type(sn) is SyncSwitchNorm and sn.process_group is group
 
 
+def test_other_libraries_batch_norms_are_matched_by_shape():
+    class SyncBatchNorm(nn.Module):  # like mmcv.ops.SyncBatchNorm: not a torch _BatchNorm
+        def __init__(self, c, group):
+            super().__init__()
+            self.num_features, self.eps, self.momentum, self.group = c, 1e-4, 0.05, group
+            self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+            self.register_buffer("running_mean", torch.zeros(c))
+            self.register_buffer("running_var", torch.ones(c))
+
+    class FrozenBN(nn.Module):  # an anonymous frozen BN: only the shape tells
+        def __init__(self, c):
+            super().__init__()
+            self.eps = 1e-5
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                self.register_buffer(name, torch.rand(c) + 0.5)
+
+    class NotANorm(nn.Module):  # statistics-like buffers, but neither frozen BN nor named BatchNorm
+        def __init__(self):
+            super().__init__()
+            self.eps, self.scale = 1e-5, nn.Parameter(torch.ones(3))
+            self.register_buffer("running_mean", torch.zeros(3))
+            self.register_buffer("running_var", torch.ones(3))
+
+    group = object()
+    model = nn.Sequential(randomise_norm(SyncBatchNorm(8, group)), FrozenBN(8), NotANorm())
+    converted = convert_to_sn(model)
+    assert type(converted[0]) is SyncSwitchNorm and converted[0].process_group is group
+    assert converted[0].eps == 1e-4 and converted[0].momentum == 0.05
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(converted[0], name), getattr(model[0], name))
+        assert torch.equal(getattr(converted[1], name), getattr(model[1], name))
+    assert type(converted[1]) is SwitchNormNd
+    assert type(converted[2]) is NotANorm
+
+
 def test_batch_average_mode_keeps_bn_statistics_as_the_estimate():
     bn = randomise_norm(nn.BatchNorm2d(8))
     sn = convert_to_sn(bn, using_moving_average=False).eval()

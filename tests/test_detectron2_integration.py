@@ -14,7 +14,6 @@ pytest.importorskip("detectron2")
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402

@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from sn_plugin.integrations.detectron2 import SNTrainer, get_sn_cfg  # noqa: E402
 
@@ -31,6 +33,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # sn_plugin's messages (e.g. the batch-statistics hook) in the console and log.txt like detectron2's.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="sn_plugin")
     return cfg
 
 
@@ -39,6 +43,7 @@ def main(args):
     if args.eval_only:
         model = SNTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        SNTrainer.estimate_missing_batch_stats(cfg, model)
         return SNTrainer.test(cfg, model)
     trainer = SNTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

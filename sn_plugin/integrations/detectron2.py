@@ -32,18 +32,15 @@ before evaluation, the paper's inference method) and :class:`SNImportanceWriter`
 import contextlib
 import copy
 import inspect
-import itertools
 import logging
 import os
 import sys
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import detectron2
 import detectron2.layers.batch_norm as _d2_batch_norm
 import detectron2.modeling  # noqa: F401  (loads the modules that hold get_norm, so register() sees them)
 import detectron2.solver.build as _d2_solver_build
@@ -57,7 +54,7 @@ from detectron2.utils.events import EventStorage, get_event_storage
 from detectron2.utils.file_io import PathManager
 
 from ..batch_stats import recompute_batch_stats
-from ..introspection import importance_summary
+from ..introspection import importance_summary, switch_norm_layers
 from ..switchable_norm import SwitchNorm2d, SwitchNormBase, SyncSwitchNorm
 
 __all__ = [
@@ -233,8 +230,8 @@ def get_default_optimizer_params(model: nn.Module, *args, **kwargs) -> List[Dict
 
 # ---------------------------------------------------------------------------- registration
 
-# (module attribute or class attribute holder, name, detectron2's original, SN-aware replacement)
 def _patches():
+    """(detectron2's function, its SN-aware replacement) for every function :func:`register` rebinds."""
     return [
         (_ORIGINAL_GET_NORM, get_norm),
         (_ORIGINAL_OPTIMIZER_PARAMS, get_default_optimizer_params),
@@ -395,7 +392,7 @@ class SNBatchStats(HookBase):
 
     def __init__(self, period: int, model: nn.Module, data_loader, num_iter: int,
                  include_batchnorm: bool = True) -> None:
-        self._logger = logging.getLogger(__name__)
+        self._logger = _LOGGER
         self._period = period
         self._model = model
         self._data_loader = data_loader
@@ -483,7 +480,7 @@ class SNTrainer(DefaultTrainer):
         cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2 does for PreciseBN
         if cfg.TEST.SN_BATCH_STATS.ENABLED:
             if cfg.TEST.PRECISE_BN.ENABLED and cfg.TEST.SN_BATCH_STATS.INCLUDE_BN:
-                logging.getLogger(__name__).warning(
+                _LOGGER.warning(
                     "TEST.PRECISE_BN and TEST.SN_BATCH_STATS (with INCLUDE_BN) both re-estimate BN statistics; "
                     "disable one of them.")
             batch_stats = SNBatchStats(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),
@@ -493,6 +490,34 @@ class SNTrainer(DefaultTrainer):
             writer = SNImportanceWriter(self.model, cfg.MODEL.SN.IMPORTANCE_LOG_PERIOD)
             ret.insert(_first_index(ret, (hooks.PeriodicWriter,)), writer)
         return ret
+
+    @classmethod
+    def estimate_missing_batch_stats(cls, cfg: CfgNode, model: nn.Module) -> bool:
+        """Estimate the batch-average statistics if a trainable SN layer has none yet.
+
+        For ``--eval-only`` on a checkpoint that lacks them (one saved before the
+        first estimate, or a converted classification model): with
+        ``TEST.SN_BATCH_STATS.ENABLED`` they are estimated from the training
+        set; otherwise nothing is done and SN's own error explains what is missing.
+        Checkpoints saved when :class:`SNBatchStats` ran (every EVAL_PERIOD and
+        the final one) already hold them and are used as they are. Returns
+        whether it estimated.
+        """
+        missing = [
+            name for name, layer in switch_norm_layers(_unwrap(model)).items()
+            if not isinstance(layer, FrozenSwitchNorm) and not layer.using_moving_average
+            and layer.running_mean is not None and int(layer.num_batches_tracked) == 0
+        ]
+        if not missing or not cfg.TEST.SN_BATCH_STATS.ENABLED:
+            return False
+        _LOGGER.warning(f"{len(missing)} SN layers (e.g. {missing[0]}) have no batch-average statistics; "
+                        f"estimating them from {cfg.TEST.SN_BATCH_STATS.NUM_ITER} training batches.")
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0
+        SNBatchStats(0, model, cls.build_train_loader(cfg), cfg.TEST.SN_BATCH_STATS.NUM_ITER,
+                     cfg.TEST.SN_BATCH_STATS.INCLUDE_BN).update_stats()
+        return True
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: Optional[str] = None):

@@ -1,0 +1,128 @@
+"""Converted released checkpoints in the toolkits' own ResNet-50s, loaded by the toolkits' own loaders.
+
+Each test converts a fixture checkpoint in the released layout (random weights,
+``module.`` prefix, with and without the BN branch; see
+test_checkpoints_fixtures.py), loads it the way a user's config would, and
+compares the backbone's features with the fixture network's in eval mode.
+
+The fixture with the released layers' unbiased IN variance (H*W - 1) cannot be
+matched by our SN, which divides by H*W: those tests compare with the fixture's
+population-variance twin (the same weights), which our SN computes exactly, and
+record the gap to the unbiased one.
+"""
+import pytest
+import torch
+
+from sn_plugin.checkpoints import released_to
+from test_checkpoints_fixtures import ReleasedResNetV1, max_rel_err, randomize, released_checkpoint
+
+INPUT = (1, 3, 64, 64)
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["with_bn", "without_bn"])
+def fixture_net(request):
+    """(released-layout network, its population-variance twin, its checkpoint, using_bn)."""
+    torch.manual_seed(0)
+    net = randomize(ReleasedResNetV1(50, using_bn=request.param, unbiased=True))
+    twin = ReleasedResNetV1(50, using_bn=request.param, unbiased=False).eval()
+    twin.load_state_dict(net.state_dict())
+    return net, twin, released_checkpoint(net), request.param
+
+
+def _compare(features, twin, net):
+    x = torch.randn(INPUT, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = twin.features(x)
+        got = features(x)
+        released = net.features(x)
+    errors = [max_rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errors) < TOLERANCE, errors
+    # the released H*W-1 IN variance makes a visible difference at layer4 (2x2 here)
+    assert max_rel_err(got[-1], released[-1]) > 1e-3
+
+
+def test_detectron2_resnet50_features(fixture_net, tmp_path):
+    pytest.importorskip("detectron2")
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    from sn_plugin.integrations.detectron2 import add_sn_config, sn_layer_options
+
+    net, twin, ckpt, using_bn = fixture_net
+    for suffix in (".pkl", ".pth"):
+        path = str(tmp_path / f"sn_r50{suffix}")
+        released_to(ckpt, "detectron2", path)
+        cfg = get_cfg()
+        add_sn_config(cfg)
+        cfg.MODEL.RESNETS.NORM = "SN"
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False  # torchvision-style v1: stride on the 3x3 conv
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+        cfg.MODEL.BACKBONE.FREEZE_AT = 0
+        with sn_layer_options(using_bn=using_bn):
+            backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+        DetectionCheckpointer(backbone).load(path)
+        state = backbone.state_dict()
+        assert torch.equal(state["res3.0.conv2.norm.mean_weight"],
+                           ckpt["state_dict"]["module.layer2.0.sn2.mean_weight"])
+        out = lambda x: [v for _, v in sorted(backbone(x).items())]  # noqa: E731  res2..res5
+        _compare(out, twin, net)
+
+
+def test_mmdet_resnet50_features(fixture_net, tmp_path):
+    pytest.importorskip("mmdet")
+    from mmdet.models.backbones import ResNet
+    from mmengine.runner import load_checkpoint
+
+    import sn_plugin.integrations.openmmlab  # noqa: F401  (registers 'SN')
+
+    net, twin, ckpt, using_bn = fixture_net
+    path = str(tmp_path / "sn_r50_mmdet.pth")
+    released_to(ckpt, "mmdet", path)
+    backbone = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn), norm_eval=False).eval()
+    load_checkpoint(backbone, path, strict=True)
+    _compare(lambda x: list(backbone(x)), twin, net)
+
+
+def test_mmaction2_i3d_loads_the_inflated_checkpoint(fixture_net, tmp_path):
+    pytest.importorskip("mmaction")
+    from mmengine.runner import load_checkpoint
+
+    from sn_plugin.integrations import mmaction_compat  # noqa: F401  (mmaction2 1.2.0 packaging fix)
+    import sn_plugin.integrations.openmmlab  # noqa: F401
+    from mmaction.models.backbones import ResNet3d
+
+    net, _, ckpt, using_bn = fixture_net
+    path = str(tmp_path / "sn_i3d.pth")
+    released_to(ckpt, "mmaction2", path)
+    backbone = ResNet3d(50, None, pretrained2d=False, conv1_kernel=(5, 7, 7), conv1_stride_t=2,
+                        pool1_stride_t=2, inflate=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)),
+                        norm_cfg=dict(type="SN3d", using_bn=using_bn), conv_cfg=dict(type="Conv3d"))
+    load_checkpoint(backbone, path, strict=True)
+    state = backbone.state_dict()
+    assert torch.equal(state["layer1.0.conv1.sn.weight"], ckpt["state_dict"]["module.layer1.0.sn1.weight"].reshape(-1))
+    assert torch.allclose(state["layer1.0.conv1.conv.weight"].sum(2),
+                          ckpt["state_dict"]["module.layer1.0.conv1.weight"], atol=1e-6)
+
+
+def test_mmpretrain_classifier_logits(fixture_net, tmp_path):
+    pytest.importorskip("mmpretrain")
+    from mmengine.runner import load_checkpoint
+    from mmpretrain.models import ImageClassifier
+
+    import sn_plugin.integrations.openmmlab  # noqa: F401
+
+    net, twin, ckpt, using_bn = fixture_net
+    path = str(tmp_path / "sn_r50_cls.pth")
+    released_to(ckpt, "mmpretrain", path)
+    model = ImageClassifier(
+        backbone=dict(type="ResNet", depth=50, norm_cfg=dict(type="SN", using_bn=using_bn)),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="LinearClsHead", num_classes=10, in_channels=2048),
+    ).eval()
+    load_checkpoint(model, path, strict=True)
+    x = torch.randn(INPUT)
+    with torch.no_grad():
+        assert max_rel_err(model(x, mode="tensor"), twin(x)) < TOLERANCE

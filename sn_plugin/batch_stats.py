@@ -362,7 +362,7 @@ def _summarise(reports: Dict[str, LayerStatsReport], batches_run: int, num_batch
     updated = [r for r in reports.values() if r.updated]
     if num_batches is not None and batches_run < num_batches * _process_group_size():
         reporter.emit(f"recompute_batch_stats: `batches` ran out after {batches_run} of the requested "
-                      f"{num_batches} batches per process; the statistics use those.", logging.WARNING)
+                      f"{num_batches} batches per process; the statistics use those.")
     if updated:
         samples = sorted({r.samples for r in updated})
         samples_text = str(samples[0]) if len(samples) == 1 else f"{samples[0]}-{samples[-1]}"

@@ -123,7 +123,9 @@ def plot_importance_weights(
 
     Two panels, mean weights above and variance weights below, one stacked bar
     per layer in module order, grouped by stage (``stage(name)``, default
-    :func:`sn_plugin.stage_of`) with a separator and the stage name. The width
+    :func:`sn_plugin.stage_of`; layers alone in an unindexed stage, like FPN or
+    head convolutions, are grouped under its parent) with a separator and the
+    stage name. The width
     grows with the number of layers so a ResNet-50's 53 labels stay readable.
 
     Args:
@@ -139,7 +141,7 @@ def plot_importance_weights(
 
     weights = _as_weights(source)
     names = list(weights)
-    stages = [stage(n) for n in names]
+    stages = _display_groups(names, stage)
     n = len(names)
     width = min(max(8.0, 0.2 * n + 2.5), 60.0)
     figure = Figure(figsize=(width, 6.2), layout="constrained")
@@ -158,7 +160,7 @@ def plot_importance_weights(
         ax.set_ylabel(f"{label} weights")
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
         ax.tick_params(axis="y", labelsize=8)
-        _mark_stages(ax, stages, label_stages=row == 0)
+        _mark_stages(ax, stages, label_stages=row == 0, bar_inches=(width - 1.8) / n)
     axes[0].legend(loc="lower left", bbox_to_anchor=(1.0, 0.0), frameon=False, fontsize=9)
     axes[1].set_xticks(positions)
     axes[1].set_xticklabels([_short_name(name, s) for name, s in zip(names, stages)], rotation=90,
@@ -166,6 +168,23 @@ def plot_importance_weights(
     if title:
         figure.suptitle(title)
     return figure
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _display_groups(names, stage: Callable[[str], str]):
+    """The group each bar is drawn in: its stage, except that a layer alone in a stage
+    without a block index (``backbone.fpn_lateral2.norm``, ``roi_heads.box_head.conv1.norm``)
+    joins its neighbours under the stage's parent (``backbone``, ``roi_heads.box_head``),
+    so that FPN and head layers form one group instead of one group per layer."""
+    stages = [stage(n) for n in names]
+    groups = []
+    for i, (name, s) in enumerate(zip(names, stages)):
+        alone = (i == 0 or stages[i - 1] != s) and (i + 1 == len(stages) or stages[i + 1] != s)
+        groups.append(_parent(s) or s if alone and s == _parent(name) else s)
+    return groups
 
 
 def _short_name(name: str, stage: str) -> str:
@@ -186,7 +205,25 @@ def _stage_runs(stages):
     return runs
 
 
-def _mark_stages(ax, stages, label_stages: bool) -> None:
+# Width of one character of the 8-point stage labels, in inches (about 0.6 em).
+_LABEL_CHAR_INCHES = 0.6 * 8 / 72
+
+
+def _fitted_label(name: str, chars: int):
+    """``name`` as it fits over ``chars`` characters of width: whole, on two lines split at a dot,
+    or its last component; returns (text, rotation), rotating when even that does not fit."""
+    if len(name) <= chars:
+        return name, 0
+    parts = name.split(".")
+    for cut in sorted(range(1, len(parts)), key=lambda k: abs(len(".".join(parts[:k])) - len(name) / 2)):
+        lines = [".".join(parts[:cut]) + ".", ".".join(parts[cut:])]
+        if max(map(len, lines)) <= chars:
+            return "\n".join(lines), 0
+    last = parts[-1]
+    return last, 0 if len(last) <= chars else 90
+
+
+def _mark_stages(ax, stages, label_stages: bool, bar_inches: float) -> None:
     runs = _stage_runs(stages)
     prefix = os.path.commonprefix([r[0] + "." for r in runs]) if len(runs) > 1 else ""
     prefix = prefix[: prefix.rfind(".") + 1]  # whole name components only
@@ -194,8 +231,10 @@ def _mark_stages(ax, stages, label_stages: bool) -> None:
         if index:
             ax.axvline(first - 0.5, color="black", linewidth=0.8, linestyle="--")
         if label_stages:
-            ax.text((first + last) / 2, 1.02, name[len(prefix):] or name, transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8, rotation=0 if last - first >= 2 else 90)
+            chars = int((last - first + 1) * bar_inches / _LABEL_CHAR_INCHES)
+            text, rotation = _fitted_label(name[len(prefix):] or name, chars)
+            ax.text((first + last) / 2, 1.02, text, transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=8, rotation=rotation, linespacing=1.0)
 
 
 def _atomic_write(path: str, write: Callable[[io.IOBase], None], binary: bool) -> None:

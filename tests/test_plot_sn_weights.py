@@ -138,3 +138,17 @@ def test_bad_sources_give_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="'a': expected a.mean_weight and a.var_weight"):
         importance_weights_from_state_dict(broken)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_unindexed_layers_are_grouped_under_their_parent_and_long_labels_fit():
+    w = (torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.1, 0.1, 0.8]))
+    names = ["backbone.fpn_lateral2.norm", "backbone.fpn_output2.norm", "backbone.bottom_up.stem.conv1.norm"]
+    names += [f"backbone.bottom_up.res2.{i}.conv{j}.norm" for i in range(3) for j in range(1, 4)]
+    names += [f"roi_heads.box_head.conv{i}.norm" for i in range(1, 5)]
+    figure = plot_importance_weights({name: w for name in names})
+    labels = [t.get_text() for t in figure.axes[0].texts]
+    # a single bar has room for the last name component only; wider groups may wrap at a dot
+    assert [label.replace("\n", "") for label in labels] == [
+        "backbone", "stem", "backbone.bottom_up.res2", "roi_heads.box_head"]
+    ticks = [t.get_text() for t in figure.axes[1].get_xticklabels()]
+    assert ticks[:3] == ["fpn_lateral2.norm", "fpn_output2.norm", "conv1.norm"] and ticks[-1] == "conv4.norm"

@@ -197,6 +197,15 @@ class _Progress:
             self.bar.close()
 
 
+def _expected_batches(batches: Iterable, num_batches: Optional[int]) -> Optional[int]:
+    """How many batches the pass will run, where known (for the progress display)."""
+    try:
+        available = len(batches)
+    except TypeError:  # a generator, an iterable-style DataLoader
+        return num_batches
+    return available if num_batches is None else min(available, num_batches)
+
+
 def _run_model(model: nn.Module, batch) -> object:
     return model(batch)
 
@@ -290,10 +299,7 @@ def recompute_batch_stats(
             accumulators[name] = _Accumulator(layer)
             handles.append(layer.register_forward_pre_hook(accumulators[name], with_kwargs=True))
 
-        total = num_batches
-        if total is not None and hasattr(batches, "__len__"):
-            total = min(total, len(batches))
-        reporter = _Progress(progress, total, logger)
+        reporter = _Progress(progress, _expected_batches(batches, num_batches), logger)
         batches_run = 0
         try:
             for index, batch in enumerate(itertools.islice(batches, num_batches)):

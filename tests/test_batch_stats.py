@@ -204,6 +204,10 @@ def test_progress_through_a_logger(caplog):
     assert "3/3 batches" in caplog.text
     assert "ran out after 3 of the requested 5" in caplog.text
     assert "recomputed the statistics of 3 layers from 3 batches" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="test_batch_stats"):
+        recompute_batch_stats(Net(), make_batches(), num_batches=None, logger=logger)
+    assert "3/3 batches" in caplog.text and "ran out" not in caplog.text
 
 
 def test_progress_without_logger_prints(capsys):

@@ -36,6 +36,7 @@ import logging
 import os
 import sys
 import threading
+import types
 from typing import Any, Dict, Iterator, List, Optional
 
 from torch import nn
@@ -72,9 +73,15 @@ SN_NORM_NAMES = tuple(_NORM_LAYERS)
 # SwitchNorm constructor arguments a config may set for the layers "SN"/"SyncSN" build.
 _LAYER_OPTION_NAMES = ("eps", "momentum", "using_bn", "using_moving_average", "last_gamma")
 
-_ORIGINAL_GET_NORM = _d2_batch_norm.get_norm
-_ORIGINAL_OPTIMIZER_PARAMS = _d2_solver_build.get_default_optimizer_params
-_ORIGINAL_CONVERT_FROZEN = FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"]
+
+def _detectron2_original(current):
+    """Detectron2's own function, also when a previous import of this module replaced it (a reload)."""
+    return getattr(current, "__detectron2_original__", current)
+
+
+_ORIGINAL_GET_NORM = _detectron2_original(_d2_batch_norm.get_norm)
+_ORIGINAL_OPTIMIZER_PARAMS = _detectron2_original(_d2_solver_build.get_default_optimizer_params)
+_ORIGINAL_CONVERT_FROZEN = _detectron2_original(FrozenBatchNorm2d.__dict__["convert_frozen_batchnorm"])
 
 _state = threading.local()
 _registry_lock = threading.Lock()
@@ -239,14 +246,26 @@ def _patches():
 
 
 def _rebind(old, new) -> None:
-    """Replace ``old`` by ``new`` wherever a loaded module holds it as a global name."""
+    """Replace ``old`` by ``new`` wherever a loaded module holds it as a global name.
+
+    Also replaces wrappers of ``old`` left by an earlier import of this module (a reload).
+    """
     for module in list(sys.modules.values()):
         namespace = getattr(module, "__dict__", None)
         if not isinstance(namespace, dict) or module is sys.modules[__name__]:
             continue
         for name, value in list(namespace.items()):
-            if value is old:
+            if value is new:
+                continue
+            if value is old or (isinstance(value, types.FunctionType)
+                                and getattr(value, "__detectron2_original__", None) is old):
                 setattr(module, name, new)
+
+
+get_norm.__detectron2_original__ = _ORIGINAL_GET_NORM
+get_default_optimizer_params.__detectron2_original__ = _ORIGINAL_OPTIMIZER_PARAMS
+_FROZEN_CONVERSION = classmethod(_convert_frozen_batchnorm)
+_FROZEN_CONVERSION.__detectron2_original__ = _ORIGINAL_CONVERT_FROZEN
 
 
 def register() -> None:
@@ -261,7 +280,7 @@ def register() -> None:
     with _registry_lock:
         for original, replacement in _patches():
             _rebind(original, replacement)
-        FrozenBatchNorm2d.convert_frozen_batchnorm = classmethod(_convert_frozen_batchnorm)
+        FrozenBatchNorm2d.convert_frozen_batchnorm = _FROZEN_CONVERSION
         _registered = True
 
 

@@ -85,6 +85,15 @@ def worker(rank, port, out_dir):
         local = slice(start, start + SPLITS[split][rank])
         results[(dim, split, using_bn)] = run_case(layer, x[local], w[local])
 
+    # convert_sync_sn makes a local SN layer synchronized.
+    layer, x, w = make_case("2d", "unequal", True)
+    local_sn = SwitchNorm2d(C, momentum=0.3)
+    local_sn.load_state_dict(layer.state_dict())
+    synced = convert_sync_sn(nn.Sequential(local_sn))[0]
+    start = sum(SPLITS["unequal"][:rank])
+    local = slice(start, start + SPLITS["unequal"][rank])
+    results["converted"] = run_case(synced, x[local], w[local])
+
     # A group of one process is plain SN on the local batch.
     groups = [dist.new_group([r]) for r in range(WORLD)]
     layer, x, w = make_case("2d", "equal", True)
@@ -136,6 +145,16 @@ def test_two_processes_equal_one_on_the_concatenated_batch(ranks, dim, split, us
     for name, buffer in expected["buffers"].items():
         for g in got:
             close(g["buffers"][name], buffer)
+
+
+def test_convert_sync_sn_synchronizes_a_local_layer(ranks):
+    layer, x, w = make_case("2d", "unequal", True)
+    expected = run_case(layer, x, w)
+    got = [r["converted"] for r in ranks]
+    close(torch.cat([g["out"] for g in got]), expected["out"])
+    close(torch.cat([g["grad_input"] for g in got]), expected["grad_input"])
+    close(sum(g["grads"]["mean_weight"] for g in got), expected["grads"]["mean_weight"])
+    close(got[1]["buffers"]["running_var"], expected["buffers"]["running_var"])
 
 
 def test_group_of_one_process_is_plain_switch_norm(ranks):

@@ -99,7 +99,8 @@ def _estimated_layers(model: nn.Module, include_batchnorm: bool) -> Dict[str, _N
         if (is_sn or is_bn) and m.running_mean is not None:
             layers[name] = m
     if not has_norm:
-        what = "SwitchNorm or BatchNorm" if include_batchnorm else "SwitchNorm (BatchNorm excluded by include_batchnorm=False)"
+        what = ("SwitchNorm or BatchNorm" if include_batchnorm
+                else "SwitchNorm (BatchNorm excluded by include_batchnorm=False)")
         raise ValueError(
             f"recompute_batch_stats: the model ({type(model).__name__}) has no {what} layers, so there are "
             f"no batch statistics to recompute. Convert its normalization layers first "

@@ -22,7 +22,7 @@ __all__ = [
     "save_importance_figure", "write_importance_csv",
 ]
 
-Weights = "OrderedDict[str, Tuple[Tensor, Tensor]]"
+Weights = Dict[str, Tuple[Tensor, Tensor]]  # per SN layer in module order: (mean, variance) weights
 # Colour-blind-safe, one per branch, in BRANCH_NAMES order.
 BRANCH_COLOURS = ("#4477AA", "#EE7733", "#228833")
 _LOGIT_SUFFIXES = (".mean_weight", ".var_weight")
@@ -256,7 +256,8 @@ def save_importance_figure(figure, path: str, dpi: int = 130) -> None:
     _atomic_write(path, lambda f: figure.savefig(f, format=fmt, dpi=dpi), binary=True)
 
 
-def write_importance_csv(source: Union[nn.Module, Mapping], path: str, stage: Callable[[str], str] = stage_of) -> None:
+def write_importance_csv(source: Union[nn.Module, Mapping], path: str,
+                         stage: Callable[[str], str] = stage_of) -> None:
     """Write the weights as CSV (atomically): ``layer, stage, mean_IN, mean_LN, mean_BN, var_IN,
     var_LN, var_BN``; the BN columns are empty for layers without a BN branch."""
     weights = _as_weights(source)

@@ -9,10 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("matplotlib")
-
-from sn_plugin import SwitchNorm2d, importance_weights  # noqa: E402
-from sn_plugin.plotting import (  # noqa: E402
+from sn_plugin import SwitchNorm2d, importance_weights
+from sn_plugin.plotting import (
     importance_weights_from_state_dict, plot_importance_weights, write_importance_csv,
 )
 
@@ -20,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("plot_sn_weights", os.path.join(ROOT, "tools", "plot_sn_weights.py"))
+    path = os.path.join(ROOT, "tools", "plot_sn_weights.py")
+    spec = importlib.util.spec_from_file_location("plot_sn_weights", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -83,8 +82,9 @@ def test_checkpoint_to_png_and_csv(tmp_path):
 
 
 def test_model_builder_source(tmp_path, monkeypatch):
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
     (tmp_path / "my_models.py").write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom test_plot_sn_weights import build_model\n" % os.path.dirname(__file__))
+        f"import sys\nsys.path.insert(0, {tests_dir!r})\nfrom test_plot_sn_weights import build_model\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     load_tool().main(["my_models:build_model", "--out", "w.svg", "--csv", "numbers.csv"])

@@ -125,8 +125,8 @@ def plot_importance_weights(
     per layer in module order, grouped by stage (``stage(name)``, default
     :func:`sn_plugin.stage_of`; layers alone in an unindexed stage, like FPN or
     head convolutions, are grouped under its parent) with a separator and the
-    stage name. The width
-    grows with the number of layers so a ResNet-50's 53 labels stay readable.
+    stage name; layers in residual shortcuts are hatched. The width grows with
+    the number of layers so a ResNet-50's 53 labels stay readable.
 
     Args:
         source: a model, a state dict / checkpoint dict with SN logits, or the
@@ -147,13 +147,15 @@ def plot_importance_weights(
     figure = Figure(figsize=(width, 6.2), layout="constrained")
     axes = figure.subplots(2, 1, sharex=True)
     positions = list(range(n))
+    # As in the paper's figure, the layers in residual shortcuts are marked (hatched).
+    hatches = ["///" if _is_shortcut(name) else "" for name in names]
     for row, (ax, label) in enumerate(zip(axes, ("mean", "variance"))):
         values = [_padded(weights[name][row]) for name in names]
         bottom = [0.0] * n
         for branch, (branch_name, colour) in enumerate(zip(BRANCH_NAMES, BRANCH_COLOURS)):
             heights = [v[branch] for v in values]
             ax.bar(positions, heights, bottom=bottom, width=0.85, color=colour, label=branch_name,
-                   edgecolor="white", linewidth=0.3)
+                   edgecolor="white", linewidth=0.3, hatch=hatches)
             bottom = [b + h for b, h in zip(bottom, heights)]
         ax.set_ylim(0, 1)
         ax.set_xlim(-0.6, n - 0.4)
@@ -161,13 +163,24 @@ def plot_importance_weights(
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
         ax.tick_params(axis="y", labelsize=8)
         _mark_stages(ax, stages, label_stages=row == 0, bar_inches=(width - 1.8) / n)
-    axes[0].legend(loc="lower left", bbox_to_anchor=(1.0, 0.0), frameon=False, fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if any(hatches):
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(facecolor="lightgray", edgecolor="white", hatch="///"))
+        labels.append("shortcut")
+    axes[0].legend(handles, labels, loc="lower left", bbox_to_anchor=(1.0, 0.0), frameon=False, fontsize=9)
     axes[1].set_xticks(positions)
     axes[1].set_xticklabels([_short_name(name, s) for name, s in zip(names, stages)], rotation=90,
                             fontsize=7 if n > 30 else 8, family="monospace")
     if title:
         figure.suptitle(title)
     return figure
+
+
+def _is_shortcut(name: str) -> bool:
+    """A norm in a residual shortcut: torchvision/mmcv ResNets' ``downsample``, detectron2's ``shortcut``."""
+    return any(part in ("downsample", "shortcut") for part in name.split("."))
 
 
 def _parent(name: str) -> str:

@@ -187,6 +187,14 @@ def test_sn_config_needs_sn_cfg_for_model_zoo_base():
         plain.merge_from_file(os.path.join(CONFIG_DIR, FASTER_SN))
 
 
+def test_model_zoo_base_is_found_from_relative_paths(monkeypatch):
+    monkeypatch.chdir(CONFIG_DIR)
+    for name in ("Base-SN-RCNN-FPN.yaml", FASTER_FROZENBN_SNHEAD):  # _BASE_ "Base-RCNN-FPN.yaml" from ".", "../.."
+        cfg = sn_d2.get_sn_cfg()
+        cfg.merge_from_file(name)
+        assert cfg.MODEL.ROI_BOX_HEAD.NORM == "SN" and cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN == 2000
+
+
 def test_pretrained_configs_name_the_converted_checkpoint():
     for name in (FASTER_SN, MASK_SN):
         cfg = sn_d2.get_sn_cfg()
@@ -387,7 +395,15 @@ def test_sn_heads_handle_empty_roi_batches():
     out.sum().backward()
     assert empty.grad.shape == empty.shape
 
-    # Training with an image without objects: the mask head gets 0 RoIs.
+    # Training with an image without objects: the mask head gets 0 RoIs. Its SN parameters
+    # still get (zero) gradients, which DistributedDataParallel needs from every process.
+    model.train()
+    with EventStorage():
+        losses = model(synthetic_batch(num_images=1, with_objects=False))
+    sum(losses.values()).backward()
+    sn_grads = [p.grad for m in sn_plugin.switch_norm_layers(model.roi_heads.mask_head).values()
+                for p in m.parameters()]
+    assert len(sn_grads) == 4 * HEAD_CONVS and all(g is not None and not g.any() for g in sn_grads)
     losses = train_one_iteration(cfg, model, synthetic_batch(num_images=1, with_objects=False))
     assert losses["loss_mask"] == 0.0 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 

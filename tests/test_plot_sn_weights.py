@@ -144,6 +144,7 @@ def test_unindexed_layers_are_grouped_under_their_parent_and_long_labels_fit():
     w = (torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.1, 0.1, 0.8]))
     names = ["backbone.fpn_lateral2.norm", "backbone.fpn_output2.norm", "backbone.bottom_up.stem.conv1.norm"]
     names += [f"backbone.bottom_up.res2.{i}.conv{j}.norm" for i in range(3) for j in range(1, 4)]
+    names.insert(3, "backbone.bottom_up.res2.0.shortcut.norm")
     names += [f"roi_heads.box_head.conv{i}.norm" for i in range(1, 5)]
     figure = plot_importance_weights({name: w for name in names})
     labels = [t.get_text() for t in figure.axes[0].texts]
@@ -151,4 +152,8 @@ def test_unindexed_layers_are_grouped_under_their_parent_and_long_labels_fit():
     assert [label.replace("\n", "") for label in labels] == [
         "backbone", "stem", "backbone.bottom_up.res2", "roi_heads.box_head"]
     ticks = [t.get_text() for t in figure.axes[1].get_xticklabels()]
-    assert ticks[:3] == ["fpn_lateral2.norm", "fpn_output2.norm", "conv1.norm"] and ticks[-1] == "conv4.norm"
+    assert ticks[:4] == ["fpn_lateral2.norm", "fpn_output2.norm", "conv1.norm", "0.shortcut.norm"]
+    assert ticks[-1] == "conv4.norm"
+    hatched = [bool(p.get_hatch()) for p in figure.axes[1].patches[:len(names)]]
+    assert hatched == [name.endswith("shortcut.norm") for name in names]
+    assert "shortcut" in [t.get_text() for t in figure.axes[0].get_legend().get_texts()]

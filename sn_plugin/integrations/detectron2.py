@@ -345,9 +345,12 @@ def layer_options_from_cfg(cfg: CfgNode) -> Dict[str, Any]:
 def _model_zoo_config(path: str) -> Optional[str]:
     """The model-zoo config at the longest trailing part of ``path``, if any."""
     parts = os.path.normpath(path).replace("\\", "/").split("/")
-    for start in range(1, len(parts)):
+    for start in range(len(parts)):
+        tail = parts[start:]
+        if any(part in ("", ".", "..") for part in tail):  # the root of an absolute path, or outside the zoo
+            continue
         try:
-            return model_zoo.get_config_file("/".join(parts[start:]))
+            return model_zoo.get_config_file("/".join(tail))
         except RuntimeError:
             continue
     return None

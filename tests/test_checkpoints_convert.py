@@ -53,11 +53,24 @@ def test_converted_network_reproduces_the_fixture(released):
     population.load_state_dict(net.state_dict())
     x = torch.randn(INPUT, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for got, want in zip(ours.features(x), population.features(x)):
+        features = ours.features(x)
+        for got, want in zip(features, population.features(x)):
             assert max_rel_err(got, want) < 1e-4
         # The released H*W-1 convention is visible on small maps (layer4 is 2x2 here): documented.
-        gap = max_rel_err(ours.features(x)[-1], net.features(x)[-1])
+        gap = max_rel_err(features[-1], net.features(x)[-1])
     assert gap > 1e-3
+
+
+def test_segmentation_repo_format_without_prefix(released):
+    """The (8, 2) file of SwitchNorm_Segmentation: 'module.' already stripped; also a bare state dict."""
+    _, ckpt, _ = released
+    stripped = {k[len("module."):]: v for k, v in ckpt["state_dict"].items()}
+    reference, _ = released_to(ckpt, "mmdet")
+    for source in ({"state_dict": stripped}, stripped):
+        converted, summary = released_to(source, "mmdet")
+        assert summary.missing == []
+        assert converted["state_dict"].keys() == reference["state_dict"].keys()
+        assert all(torch.equal(v, reference["state_dict"][k]) for k, v in converted["state_dict"].items())
 
 
 def test_summary_reports_dropped_fc_and_optimizer(released):
@@ -189,6 +202,20 @@ def test_bn_checkpoint_conversion_equals_the_model_level_conversion(bn_resnet50)
             assert torch.equal(state[key.replace("bn", "sn")], value), key
     w = state["sn1.mean_weight"].softmax(0)
     assert abs(float(w[2]) - DEFAULT_BN_START_WEIGHT) < 1e-6
+
+
+def test_detectron2_frozen_bn_checkpoint_to_sn():
+    """detectron2 names (stem.conv1.norm, res2.0.shortcut.norm), FrozenBN entries without num_batches_tracked."""
+    bn_state = torchvision.models.resnet50().state_dict()
+    converted, summary = bn_to_sn({"state_dict": bn_state}, "torchvision", "detectron2")
+    frozen = {k: v for k, v in converted["model"].items()
+              if not k.endswith(("mean_weight", "var_weight", "num_batches_tracked"))}
+    d2_converted, summary = bn_to_sn({"model": frozen, "__author__": "torchvision"}, "detectron2", "detectron2")
+    state = d2_converted["model"]
+    assert summary.missing == []
+    assert torch.equal(state["res2.0.shortcut.norm.running_var"], bn_state["layer1.0.downsample.1.running_var"])
+    assert state["stem.conv1.norm.num_batches_tracked"] == 1  # frozen statistics count as estimated
+    assert state["res5.2.conv3.norm.mean_weight"].shape == (3,)
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -76,7 +76,8 @@ _LAYER_OPTION_NAMES = ("eps", "momentum", "using_bn", "using_moving_average", "l
 
 def _detectron2_original(current):
     """Detectron2's own function, also when a previous import of this module replaced it (a reload)."""
-    return getattr(current, "__detectron2_original__", current)
+    function = getattr(current, "__func__", current)  # a classmethod's function
+    return getattr(function, "__detectron2_original__", current)
 
 
 _ORIGINAL_GET_NORM = _detectron2_original(_d2_batch_norm.get_norm)
@@ -264,8 +265,8 @@ def _rebind(old, new) -> None:
 
 get_norm.__detectron2_original__ = _ORIGINAL_GET_NORM
 get_default_optimizer_params.__detectron2_original__ = _ORIGINAL_OPTIMIZER_PARAMS
+_convert_frozen_batchnorm.__detectron2_original__ = _ORIGINAL_CONVERT_FROZEN
 _FROZEN_CONVERSION = classmethod(_convert_frozen_batchnorm)
-_FROZEN_CONVERSION.__detectron2_original__ = _ORIGINAL_CONVERT_FROZEN
 
 
 def register() -> None:

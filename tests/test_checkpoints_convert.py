@@ -21,8 +21,11 @@ from test_checkpoints_fixtures import ReleasedResNetV1, max_rel_err, randomize, 
 INPUT = (2, 3, 64, 64)
 
 
-def _ours(using_bn=True, num_classes=10):
-    return ReleasedResNetV1(50, num_classes, norm=lambda c: SwitchNorm2d(c, using_bn=using_bn)).eval()
+def _ours(using_bn=True, num_classes=10, unbiased_instance_var=False):
+    def norm(channels):
+        return SwitchNorm2d(channels, using_bn=using_bn, unbiased_instance_var=unbiased_instance_var)
+
+    return ReleasedResNetV1(50, num_classes, norm=norm).eval()
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["with_bn", "without_bn"])
@@ -47,7 +50,7 @@ def test_converted_network_reproduces_the_fixture(released):
     missing, unexpected = ours.load_state_dict(converted["state_dict"], strict=False)
     assert missing == ["fc.weight", "fc.bias"] and unexpected == []
     assert converted["meta"]["sn_plugin"]["using_bn"] is using_bn
-    assert converted["meta"]["sn_plugin"]["unbiased_in_var"] is True
+    assert converted["meta"]["sn_plugin"]["unbiased_instance_var"] is True
 
     population = ReleasedResNetV1(50, using_bn=using_bn, unbiased=False).eval()
     population.load_state_dict(net.state_dict())
@@ -59,6 +62,18 @@ def test_converted_network_reproduces_the_fixture(released):
         # The released H*W-1 convention is visible on small maps (layer4 is 2x2 here): documented.
         gap = max_rel_err(features[-1], net.features(x)[-1])
     assert gap > 1e-3
+
+
+def test_released_convention_reproduces_the_released_network(released):
+    """With unbiased_instance_var=True our SN layers compute the released ones: logits to 1e-4."""
+    net, ckpt, using_bn = released
+    converted, _ = released_to(ckpt, "mmpretrain")
+    ours = _ours(using_bn, unbiased_instance_var=True)
+    ours.load_state_dict({k.replace("backbone.", "").replace("head.", ""): v
+                          for k, v in converted["state_dict"].items()})
+    x = torch.randn(INPUT, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert max_rel_err(ours(x), net(x)) < 1e-4
 
 
 def test_segmentation_repo_format_without_prefix(released):

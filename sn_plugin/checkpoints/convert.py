@@ -33,13 +33,6 @@ SN_SOURCES = ("released", "mmdet", "mmseg", "mmpretrain", "detectron2")
 # trade-off between an exact start and logits that training can still move).
 DEFAULT_BN_START_WEIGHT = 0.999
 
-# The released layers' IN variance divides by H*W - 1 (torch.var's default), ours by
-# H*W; recorded in the converted checkpoint's meta (see docs/model_zoo.md).
-RELEASED_CONVENTION = {
-    "unbiased_in_var": True,
-    "momentum_note": "released momentum m weighs the old running value; ours is 1 - m",
-}
-
 Source = Union[str, Mapping[str, Any]]
 
 
@@ -207,7 +200,8 @@ def _start_as_bn(canon: _Canonical, original_weight: float, summary: ConversionS
             converted[key] = value
             continue
         bn_state = layers[key]
-        bn = nn.BatchNorm2d(bn_state["running_mean"].numel()).to(bn_state["running_mean"].dtype)
+        dtype = next(iter(bn_state.values())).dtype
+        bn = nn.BatchNorm2d(canon.spec.module_dict()[key].out_channels).to(dtype)
         bn.load_state_dict(bn_state, strict=False)
         sn_state = convert_to_sn(bn, original_weight=original_weight).state_dict()
         for param, tensor in sn_state.items():
@@ -244,14 +238,14 @@ def _write(canon: _Canonical, layout: Layout, prefix: str, summary: ConversionSu
             value = value.reshape(shape)
         elif m.kind == "conv" and layout.video:
             value = inflate_conv(value, temporal_kernels[module])
-        target = ("module." if released else prefix) + f"{name}.{param}"
+        target = _target_key(layout, prefix, name, param)
         out[target] = value
         summary.mapped.append((canon.origin[key], target))
         if m.kind == "norm" and not released and param == "running_var" \
                 and f"{module}.num_batches_tracked" not in canon.tensors:
             # Marks the statistics as estimated (a layer built with using_moving_average=False
             # refuses to evaluate with num_batches_tracked == 0).
-            count = prefix + f"{name}.num_batches_tracked"
+            count = _target_key(layout, prefix, name, "num_batches_tracked")
             out[count] = torch.tensor(1, dtype=torch.long)
             summary.mapped.append(("(new)", count))
     summary.missing[:] = [_target_name(k, canon, layout, prefix) for k in summary.missing]
@@ -262,9 +256,12 @@ def _write(canon: _Canonical, layout: Layout, prefix: str, summary: ConversionSu
 def _target_name(canonical_key: str, canon: _Canonical, layout: Layout, prefix: str) -> Optional[str]:
     module, param = split_key(canonical_key)
     name = layout.rename(canon.spec.module_dict()[module], canon.norm)
-    if name is None:
-        return None
-    return ("module." if layout.name == "released" else prefix) + f"{name}.{param}"
+    return None if name is None else _target_key(layout, prefix, name, param)
+
+
+def _target_key(layout: Layout, prefix: str, module: str, param: str) -> str:
+    """The key of ``module.param`` in ``layout``: the released files keep DataParallel's ``module.``."""
+    return ("module." if layout.name == "released" else prefix) + f"{module}.{param}"
 
 
 def _to_numpy(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
@@ -383,17 +380,18 @@ def convert_checkpoint(
             "converted_from": summary.source,
             "depth": canon.spec.depth,
             "using_bn": with_bn,
-            "unbiased_in_var": source_format == "released"
-            or bool(source_meta.get("sn_plugin", {}).get("unbiased_in_var", False)),
+            "unbiased_instance_var": source_format == "released"
+            or bool(source_meta.get("sn_plugin", {}).get("unbiased_instance_var", False)),
         },
         "released": extras,
     }
     if not with_bn:
         summary.notes.append("the SN layers have no BN branch: build them with using_bn=False "
                              "(norm_cfg=dict(type='SN', using_bn=False))")
-    if meta["sn_plugin"]["unbiased_in_var"] and target != "released":
-        summary.notes.append("the released layers divide the IN variance by H*W-1; our SN by H*W: outputs "
-                             "differ slightly on small feature maps (see docs/model_zoo.md)")
+    if meta["sn_plugin"]["unbiased_instance_var"] and target != "released":
+        summary.notes.append("the released layers divide the IN variance by H*W-1: build the SN layers with "
+                             "unbiased_instance_var=True to reproduce their outputs exactly (without it they differ "
+                             "slightly, most on small feature maps; see docs/model_zoo.md)")
     checkpoint = _container(target, converted, meta, extras, pkl, prefix)
     if out is not None:
         atomic_save(checkpoint, out, pickle_format=pkl)

@@ -9,6 +9,7 @@ modules once, in the *canonical* names of the released checkpoints (``conv1``,
 of every tensor, so that each layout is only a map from canonical module names to
 its own and every shape check says what was expected.
 """
+import functools
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -94,7 +95,13 @@ class ResNetSpec:
         yield Module("fc", "fc", "fc", 0, self.feature_channels, stage=5)
 
     def module_dict(self) -> Dict[str, Module]:
-        return {m.name: m for m in self.modules()}
+        """Canonical name -> module (shared, do not modify)."""
+        return _module_dict(self.depth)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_dict(depth: int) -> Dict[str, Module]:
+    return {m.name: m for m in ResNetSpec(depth).modules()}
 
 
 def split_key(key: str) -> Tuple[str, str]:

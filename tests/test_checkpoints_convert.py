@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from sn_plugin import SwitchNorm2d, convert_to_sn
-from sn_plugin.checkpoints import (DEFAULT_BN_START_WEIGHT, CheckpointError, bn_to_sn, convert_checkpoint, i3d_temporal_kernels,
+from sn_plugin.checkpoints import (DEFAULT_BN_START_WEIGHT, CheckpointError, bn_to_sn, i3d_temporal_kernels,
                                    released_to, to_released)
 from sn_plugin.checkpoints.resnet import ResNetSpec
 from test_checkpoints_fixtures import ReleasedResNetV1, max_rel_err, randomize, released_checkpoint
@@ -326,3 +326,66 @@ def test_inflate_argument_errors(released):
     _, ckpt, _ = released
     with pytest.raises(CheckpointError, match="inflate for layer2 has 3 entries but ResNet-50 has 4"):
         released_to(ckpt, "mmaction2", inflate=((1, 1, 1), (1, 0, 1), (1,) * 6, (0, 1, 0)))
+
+
+# ------------------------------------------------------------------------------------ structure
+
+def _synthetic_released(depth, dtype=torch.float32):
+    """A released-layout state dict of any depth, shapes from the canonical spec (no model needed)."""
+    state = {}
+    for m in ResNetSpec(depth).modules():
+        if m.kind == "conv":
+            state[f"module.{m.name}.weight"] = torch.randn(m.out_channels, m.in_channels, m.kernel, m.kernel)
+        elif m.kind == "norm":
+            c = m.out_channels
+            layer = {"weight": torch.rand(1, c, 1, 1), "bias": torch.rand(1, c, 1, 1), "mean_weight": torch.randn(3),
+                     "var_weight": torch.randn(3), "running_mean": torch.randn(1, c, 1),
+                     "running_var": torch.rand(1, c, 1)}
+            state.update({f"module.{m.name}.{p}": t for p, t in layer.items()})
+        else:
+            state["module.fc.weight"] = torch.randn(1000, m.in_channels)
+            state["module.fc.bias"] = torch.randn(1000)
+    return {"state_dict": {k: v.to(dtype) for k, v in state.items()}}
+
+
+def test_resnet101_is_found_and_round_trips_in_half_precision():
+    ckpt = _synthetic_released(101, torch.float16)
+    converted, summary = released_to(ckpt, "mmpretrain")
+    assert summary.depth == 101 and summary.missing == []
+    assert converted["state_dict"]["backbone.layer3.22.sn3.weight"].dtype == torch.float16
+    back, _ = to_released(converted, "mmpretrain")
+    assert all(torch.equal(back["state_dict"][k], v) and back["state_dict"][k].dtype == v.dtype
+               for k, v in ckpt["state_dict"].items())
+    with pytest.raises(CheckpointError, match=r"asked for ResNet-50.*holds a ResNet-101 \(bottleneck blocks "
+                                              r"\(3, 4, 23, 3\) per stage\)"):
+        released_to(ckpt, "mmdet", depth=50)
+
+
+def test_missing_and_unknown_keys_are_reported():
+    ckpt = _synthetic_released(50)
+    del ckpt["state_dict"]["module.layer3.1.sn2.running_var"]
+    ckpt["state_dict"]["module.extra_head.weight"] = torch.ones(3)
+    _, summary = released_to(ckpt, "detectron2")
+    assert summary.missing == ["res4.1.conv2.norm.running_var"]
+    assert ("module.extra_head.weight", "not a module of a ResNet v1 in the released layout") in summary.dropped
+
+
+def test_mmpretrain_bn_classifier_to_sn():
+    """An mmpretrain BN ResNet-50 classifier ('backbone.bn1', 'head.fc') as an SN checkpoint for mmdet."""
+    bn = torchvision.models.resnet50().state_dict()
+    state = {("head." if k.startswith("fc.") else "backbone.") + k: v for k, v in bn.items()}
+    converted, summary = bn_to_sn({"meta": {}, "state_dict": state}, "mmpretrain", "mmdet")
+    assert summary.missing == [] and ("head.fc.weight", "the mmdet backbone has no 'fc'") in summary.dropped
+    assert torch.equal(converted["state_dict"]["layer4.2.sn3.running_mean"], bn["layer4.2.bn3.running_mean"])
+    assert converted["state_dict"]["layer4.2.sn3.mean_weight"].shape == (3,)
+
+
+def test_mmaction2_temporal_kernels_from_the_target_model():
+    ckpt = _synthetic_released(50)
+    default = released_to(ckpt, "mmaction2")[0]["state_dict"]
+    target = {k: torch.empty(v.shape) for k, v in default.items()}
+    target["layer2.1.conv1.conv.weight"] = torch.empty(128, 512, 3, 1, 1)  # inflated in this model
+    converted, _ = released_to(ckpt, "mmaction2", target_state=target)
+    weight = converted["state_dict"]["layer2.1.conv1.conv.weight"]
+    assert weight.shape == (128, 512, 3, 1, 1)
+    assert torch.allclose(weight.sum(2), ckpt["state_dict"]["module.layer2.1.conv1.weight"], atol=1e-5)

@@ -12,7 +12,7 @@ its own and every shape check says what was expected.
 import functools
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .errors import CheckpointError
 
@@ -190,7 +190,3 @@ def check_shape(key: str, found: Tuple[int, ...], expected: Tuple[int, ...], sou
             f"{source}: shape mismatch for '{key}': expected {format_shape(expected)}, found {format_shape(found)}"
         )
 
-
-def stage_channels(spec: ResNetSpec) -> List[int]:
-    """Output channels of the stem and of stages 1..4 (the features a backbone returns)."""
-    return [STEM_CHANNELS] + [w * EXPANSION[spec.block] for w in STAGE_WIDTHS]

@@ -5,6 +5,7 @@ in the released layout; "ours" is the same architecture with our SwitchNorm2d,
 whose module names are those of mmdet's ResNet. The toolkits' own ResNets are
 tested in test_checkpoints_toolkits.py.
 """
+import functools
 import hashlib
 
 import pytest
@@ -28,11 +29,23 @@ def _ours(using_bn=True, num_classes=10, unbiased_instance_var=False):
     return ReleasedResNetV1(50, num_classes, norm=norm).eval()
 
 
+@functools.lru_cache(maxsize=None)
+def _released(using_bn):
+    """(fixture network in the released layout, its checkpoint, using_bn); built once per variant."""
+    torch.manual_seed(0)
+    net = randomize(ReleasedResNetV1(50, using_bn=using_bn, unbiased=True))
+    return net, released_checkpoint(net), using_bn
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["with_bn", "without_bn"])
 def released(request):
-    torch.manual_seed(0)
-    net = randomize(ReleasedResNetV1(50, using_bn=request.param, unbiased=True))
-    return net, released_checkpoint(net), request.param
+    return _released(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_released():
+    """For the tests one variant is enough for."""
+    return _released(True)
 
 
 def _sha(path):
@@ -244,8 +257,8 @@ def test_not_a_checkpoint(tmp_path):
         released_to(str(tmp_path / "absent.pth"), "mmdet")
 
 
-def test_v2_checkpoint_is_refused(released):
-    _, ckpt, _ = released
+def test_v2_checkpoint_is_refused(one_released):
+    _, ckpt, _ = one_released
     state = dict(ckpt["state_dict"])
     state["module.layer1.0.sn_out.weight"] = torch.ones(1, 256, 1, 1)
     with pytest.raises(CheckpointError, match="pre-activation ResNet v2.*sn_out"):
@@ -262,14 +275,14 @@ def test_non_resnet_checkpoint_is_refused():
         released_to({"state_dict": mlp.state_dict()}, "mmdet")
 
 
-def test_depth_mismatch(released):
-    _, ckpt, _ = released
+def test_depth_mismatch(one_released):
+    _, ckpt, _ = one_released
     with pytest.raises(CheckpointError, match=r"depth mismatch: asked for ResNet-101.*holds a ResNet-50"):
         released_to(ckpt, "mmdet", depth=101)
 
 
-def test_shape_mismatch_names_key_expected_and_found(released):
-    _, ckpt, _ = released
+def test_shape_mismatch_names_key_expected_and_found(one_released):
+    _, ckpt, _ = one_released
     state = dict(ckpt["state_dict"])
     state["module.layer2.0.conv2.weight"] = torch.zeros(128, 64, 3, 3)
     with pytest.raises(CheckpointError, match=r"'module.layer2.0.conv2.weight': expected \(128, 128, 3, 3\), "
@@ -281,8 +294,8 @@ def test_shape_mismatch_names_key_expected_and_found(released):
         released_to({"state_dict": state}, "mmdet")
 
 
-def test_shape_mismatch_with_the_target_model(released):
-    _, ckpt, using_bn = released
+def test_shape_mismatch_with_the_target_model(one_released):
+    _, ckpt, using_bn = one_released
     model_state = _ours(using_bn).state_dict()
     model_state["layer3.0.sn2.weight"] = torch.ones(7)
     with pytest.raises(CheckpointError, match=r"'layer3.0.sn2.weight': the model expects \(7,\), the checkpoint has "
@@ -290,8 +303,8 @@ def test_shape_mismatch_with_the_target_model(released):
         released_to(ckpt, "mmdet", target_state=model_state)
 
 
-def test_bn_and_sn_checkpoints_are_told_apart(released):
-    _, ckpt, _ = released
+def test_bn_and_sn_checkpoints_are_told_apart(one_released):
+    _, ckpt, _ = one_released
     with pytest.raises(CheckpointError, match="has SN layers.*without --from-bn"):
         bn_to_sn(ckpt, "mmdet", "mmdet")
     bn_state = torchvision.models.resnet50().state_dict()
@@ -299,8 +312,8 @@ def test_bn_and_sn_checkpoints_are_told_apart(released):
         to_released({"state_dict": bn_state}, "mmdet")
 
 
-def test_input_is_never_modified_and_output_is_atomic(released, tmp_path, monkeypatch):
-    _, ckpt, _ = released
+def test_input_is_never_modified_and_output_is_atomic(one_released, tmp_path, monkeypatch):
+    _, ckpt, _ = one_released
     src = tmp_path / "released.pth"
     torch.save(ckpt, src)
     before = _sha(src)
@@ -322,8 +335,8 @@ def test_input_is_never_modified_and_output_is_atomic(released, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pth", "released.pth"]
 
 
-def test_inflate_argument_errors(released):
-    _, ckpt, _ = released
+def test_inflate_argument_errors(one_released):
+    _, ckpt, _ = one_released
     with pytest.raises(CheckpointError, match="inflate for layer2 has 3 entries but ResNet-50 has 4"):
         released_to(ckpt, "mmaction2", inflate=((1, 1, 1), (1, 0, 1), (1,) * 6, (0, 1, 0)))
 

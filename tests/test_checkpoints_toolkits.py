@@ -60,7 +60,7 @@ def test_detectron2_resnet50_features(fixture_net, tmp_path):
     from sn_plugin.integrations.detectron2 import add_sn_config, sn_layer_options
 
     net, twin, ckpt, using_bn = fixture_net
-    for suffix in (".pkl", ".pth"):
+    for suffix in [".pkl" if using_bn else ".pth"]:  # both formats detectron2 reads, one per variant
         path = str(tmp_path / f"sn_r50{suffix}")
         released_to(ckpt, "detectron2", path)
         cfg = get_cfg()

@@ -7,6 +7,7 @@ tested in test_checkpoints_toolkits.py.
 """
 import functools
 import hashlib
+import re
 
 import pytest
 import torch
@@ -142,44 +143,51 @@ def test_round_trip_through_a_backbone_layout_is_exact_but_for_fc(released, layo
 
 # ------------------------------------------------------------------------------------ I3D inflation
 
+def _i3d_name(released_module: str) -> str:
+    """mmaction2 ResNet3d's name for a released module (every conv is a ConvModule with .conv and .sn)."""
+    for pattern, replacement in ((r"^conv1$", "conv1.conv"), (r"^sn1$", "conv1.sn"),
+                                 (r"\.conv(\d)$", r".conv\1.conv"), (r"\.sn(\d)$", r".conv\1.sn"),
+                                 (r"\.downsample\.0$", ".downsample.conv"), (r"\.downsample\.1$", ".downsample.sn")):
+        if re.search(pattern, released_module):
+            return re.sub(pattern, replacement, released_module)
+    raise AssertionError(released_module)
+
+
 def test_i3d_inflation_carries_sn_and_sums_kernels_over_time(released):
     net, ckpt, using_bn = released
-    converted, summary = released_to(ckpt, "mmaction2")
-    state = converted["state_dict"]
+    state = released_to(ckpt, "mmaction2")[0]["state_dict"]
     kernels = i3d_temporal_kernels(ResNetSpec(50))
     assert kernels["conv1"] == 5 and kernels["layer1.0.conv1"] == 3 and kernels["layer2.1.conv1"] == 1
+    assert state["conv1.conv.weight"].shape == (64, 3, 5, 7, 7)
     assert state["layer1.0.conv1.conv.weight"].shape == (64, 64, 3, 1, 1)
-    src = net.state_dict()
-    seen_norms = 0
-    for key, value in src.items():
+    sn_layers = 0
+    for key, value in net.state_dict().items():
         module, _, param = key.rpartition(".")
-        if key.startswith("fc."):
+        if module == "fc":
             continue
-        if ".sn" in f".{module}" or module.endswith("downsample.1"):
-            owner = module.replace("downsample.1", "downsample")
-            owner = owner[:-4] + f".conv{owner[-1]}" if owner.split(".")[-1].startswith("sn") else owner
-            owner = "conv1" if owner == ".conv1" else owner.lstrip(".")
-            target = state[f"{owner}.sn.{param}"]
-            assert torch.equal(target, value.reshape(-1) if param not in ("mean_weight", "var_weight") else value)
-            seen_norms += param == "weight"
-        else:
-            target = state[key.replace("downsample.0", "downsample").replace(".weight", ".conv.weight")]
-            assert target.dim() == 5
+        target = state[f"{_i3d_name(module)}.{param}"]
+        if target.dim() == 5:  # a conv: inflated, summing over time to the 2D kernel
             assert torch.allclose(target.sum(2), value, atol=1e-6), key
-    assert seen_norms == 53
-    assert all(n.endswith(".sn.num_batches_tracked") for n in state if "num_batches" in n)
-    assert sum("num_batches" in n for n in state) == (53 if using_bn else 0)
+        else:  # an SN parameter or statistic: carried unchanged
+            assert torch.equal(target, value.reshape(target.shape)), key
+            sn_layers += param == "weight"
+    assert sn_layers == 53
+    assert sum(k.endswith(".sn.num_batches_tracked") for k in state) == (53 if using_bn else 0)
+    assert len(state) == len(net.state_dict()) - 2 + (53 if using_bn else 0)
 
 
-def test_inflated_network_on_a_still_clip_equals_the_2d_network(released):
-    """The point of summing to the 2D kernel: a clip of identical frames gives the 2D output per frame."""
-    net, ckpt, using_bn = released
-    state = released_to(ckpt, "mmaction2", inflate=((0, 0, 0), (0,) * 4, (0,) * 6, (0,) * 3),
-                        conv1_kernel_t=1)[0]["state_dict"]
-    x = torch.randn(1, 3, 32, 32)
-    # conv1 with time 1 is the 2D conv: check the stem conv directly against the fixture's
-    stem3d = nn.functional.conv3d(x.unsqueeze(2), state["conv1.conv.weight"], stride=(1, 2, 2), padding=(0, 3, 3))
-    assert torch.allclose(stem3d.squeeze(2), net.conv1(x), atol=1e-5)
+def test_inflated_kernels_on_a_still_clip_give_the_2d_output(one_released):
+    """Why kernels sum to the 2D one: on identical frames (away from the temporal padding) a 3D conv
+    computes the 2D conv of a frame."""
+    _, ckpt, _ = one_released
+    state = released_to(ckpt, "mmaction2")[0]["state_dict"]
+    frame = torch.randn(1, 64, 8, 8)
+    clip = frame.unsqueeze(2).repeat(1, 1, 5, 1, 1)
+    w2d = ckpt["state_dict"]["module.layer1.0.conv1.weight"]
+    out3d = nn.functional.conv3d(clip, state["layer1.0.conv1.conv.weight"], padding=(1, 0, 0))
+    out2d = nn.functional.conv2d(frame, w2d)
+    for t in (1, 2, 3):
+        assert torch.allclose(out3d[:, :, t], out2d, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ BN -> SN

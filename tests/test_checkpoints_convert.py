@@ -410,3 +410,13 @@ def test_mmaction2_temporal_kernels_from_the_target_model():
     weight = converted["state_dict"]["layer2.1.conv1.conv.weight"]
     assert weight.shape == (128, 512, 3, 1, 1)
     assert torch.allclose(weight.sum(2), ckpt["state_dict"]["module.layer2.1.conv1.weight"], atol=1e-5)
+
+
+def test_i3d_kernels_of_basic_blocks():
+    """mmaction2's BasicBlock3d inflates both 3x3 convs (3x3x3), whatever the style."""
+    kernels = i3d_temporal_kernels(ResNetSpec(18), conv1_kernel_t=3, inflate=(1, 0, (1, 0), 0))
+    assert kernels["conv1"] == 3
+    assert kernels["layer1.1.conv1"] == kernels["layer1.1.conv2"] == 3
+    assert kernels["layer2.0.conv1"] == kernels["layer2.0.conv2"] == 1
+    assert kernels["layer3.0.conv2"] == 3 and kernels["layer3.1.conv1"] == 1
+    assert kernels["layer3.0.downsample.0"] == 1

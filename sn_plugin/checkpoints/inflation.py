@@ -30,7 +30,8 @@ def i3d_temporal_kernels(
     Arguments mean what they mean in ``ResNet3d``: ``inflate`` holds one 0/1 per
     block (or one for a whole stage); an inflated bottleneck gets a 3-frame
     kernel on ``conv1`` (``"3x1x1"``) or ``conv2`` (``"3x3x3"``), an inflated
-    basic block on ``conv1``; shortcuts and everything else stay 1 frame.
+    basic block on both its convs (mmaction2's ``BasicBlock3d`` ignores the
+    style); shortcuts and everything else stay 1 frame.
     """
     if inflate_style not in ("3x1x1", "3x3x3"):
         raise CheckpointError(f"inflate_style must be '3x1x1' or '3x3x3', got '{inflate_style}'")
@@ -45,16 +46,16 @@ def i3d_temporal_kernels(
             )
         per_block.append(flags)
     if spec.block == "bottleneck":
-        inflated_conv = 1 if inflate_style == "3x1x1" else 2
+        inflated_convs = (1,) if inflate_style == "3x1x1" else (2,)
     else:
-        inflated_conv = 1
+        inflated_convs = (1, 2)
     kernels = {}
     for m in spec.modules():
         if m.kind != "conv":
             continue
         if m.role == "stem":
             kernels[m.name] = conv1_kernel_t
-        elif m.role == "block" and per_block[m.stage - 1][m.block] and m.index == inflated_conv:
+        elif m.role == "block" and per_block[m.stage - 1][m.block] and m.index in inflated_convs:
             kernels[m.name] = 3
         else:
             kernels[m.name] = 1

@@ -18,7 +18,8 @@ from sn_plugin import SwitchNorm2d, convert_to_sn
 from sn_plugin.checkpoints import (DEFAULT_BN_START_WEIGHT, CheckpointError, bn_to_sn, i3d_temporal_kernels,
                                    released_to, to_released)
 from sn_plugin.checkpoints.resnet import ResNetSpec
-from test_checkpoints_fixtures import ReleasedResNetV1, max_rel_err, randomize, released_checkpoint
+from test_checkpoints_fixtures import (ReleasedResNetV1, max_rel_err, randomize, released_checkpoint,
+                                      synthetic_released)
 
 INPUT = (2, 3, 64, 64)
 
@@ -351,26 +352,8 @@ def test_inflate_argument_errors(one_released):
 
 # ------------------------------------------------------------------------------------ structure
 
-def _synthetic_released(depth, dtype=torch.float32):
-    """A released-layout state dict of any depth, shapes from the canonical spec (no model needed)."""
-    state = {}
-    for m in ResNetSpec(depth).modules():
-        if m.kind == "conv":
-            state[f"module.{m.name}.weight"] = torch.randn(m.out_channels, m.in_channels, m.kernel, m.kernel)
-        elif m.kind == "norm":
-            c = m.out_channels
-            layer = {"weight": torch.rand(1, c, 1, 1), "bias": torch.rand(1, c, 1, 1), "mean_weight": torch.randn(3),
-                     "var_weight": torch.randn(3), "running_mean": torch.randn(1, c, 1),
-                     "running_var": torch.rand(1, c, 1)}
-            state.update({f"module.{m.name}.{p}": t for p, t in layer.items()})
-        else:
-            state["module.fc.weight"] = torch.randn(1000, m.in_channels)
-            state["module.fc.bias"] = torch.randn(1000)
-    return {"state_dict": {k: v.to(dtype) for k, v in state.items()}}
-
-
 def test_resnet101_is_found_and_round_trips_in_half_precision():
-    ckpt = _synthetic_released(101, torch.float16)
+    ckpt = synthetic_released(101, torch.float16)
     converted, summary = released_to(ckpt, "mmpretrain")
     assert summary.depth == 101 and summary.missing == []
     assert converted["state_dict"]["backbone.layer3.22.sn3.weight"].dtype == torch.float16
@@ -383,7 +366,7 @@ def test_resnet101_is_found_and_round_trips_in_half_precision():
 
 
 def test_missing_and_unknown_keys_are_reported():
-    ckpt = _synthetic_released(50)
+    ckpt = synthetic_released(50)
     del ckpt["state_dict"]["module.layer3.1.sn2.running_var"]
     ckpt["state_dict"]["module.extra_head.weight"] = torch.ones(3)
     _, summary = released_to(ckpt, "detectron2")
@@ -402,7 +385,7 @@ def test_mmpretrain_bn_classifier_to_sn():
 
 
 def test_mmaction2_temporal_kernels_from_the_target_model():
-    ckpt = _synthetic_released(50)
+    ckpt = synthetic_released(50)
     default = released_to(ckpt, "mmaction2")[0]["state_dict"]
     target = {k: torch.empty(v.shape) for k, v in default.items()}
     target["layer2.1.conv1.conv.weight"] = torch.empty(128, 512, 3, 1, 1)  # inflated in this model

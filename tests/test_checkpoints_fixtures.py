@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sn_plugin import SwitchNorm2d
+from sn_plugin.checkpoints.resnet import ResNetSpec
 
 
 class ReleasedSwitchNorm(nn.Module):
@@ -134,6 +135,24 @@ def released_checkpoint(model: nn.Module) -> dict:
     """The dict the authors' training script saved: DataParallel ``module.`` keys plus training state."""
     state = {f"module.{k}": v.clone() for k, v in model.state_dict().items()}
     return {"epoch": 100, "best_prec1": 76.92, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def synthetic_released(depth, dtype=torch.float32):
+    """A released-layout state dict of any depth, shapes from the canonical spec (no model needed)."""
+    state = {}
+    for m in ResNetSpec(depth).modules():
+        if m.kind == "conv":
+            state[f"module.{m.name}.weight"] = torch.randn(m.out_channels, m.in_channels, m.kernel, m.kernel)
+        elif m.kind == "norm":
+            c = m.out_channels
+            layer = {"weight": torch.rand(1, c, 1, 1), "bias": torch.rand(1, c, 1, 1), "mean_weight": torch.randn(3),
+                     "var_weight": torch.randn(3), "running_mean": torch.randn(1, c, 1),
+                     "running_var": torch.rand(1, c, 1)}
+            state.update({f"module.{m.name}.{p}": t for p, t in layer.items()})
+        else:
+            state["module.fc.weight"] = torch.randn(1000, m.in_channels)
+            state["module.fc.bias"] = torch.randn(1000)
+    return {"state_dict": {k: v.to(dtype) for k, v in state.items()}}
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 from sn_plugin import SwitchNormBase
 from sn_plugin.checkpoints import released_to
-from test_checkpoints_fixtures import ReleasedResNetV1, max_rel_err, randomize, released_checkpoint
+from test_checkpoints_fixtures import ReleasedResNetV1, max_rel_err, randomize, released_checkpoint, synthetic_released
 
 INPUT = (1, 3, 64, 64)
 TOLERANCE = 1e-4
@@ -97,17 +97,23 @@ def test_mmdet_resnet50_features(fixture_net, tmp_path):
     assert max(_errors(lambda x: list(configured(x)), net)) < TOLERANCE
 
 
-def test_mmaction2_i3d_loads_the_inflated_checkpoint(fixture_net, tmp_path):
+def _mmaction2_resnet3d():
     pytest.importorskip("mmaction")
-    from mmengine.runner import load_checkpoint
-
     from sn_plugin.integrations import mmaction_compat  # noqa: F401  (mmaction2 1.2.0 packaging fix)
-    import sn_plugin.integrations.openmmlab  # noqa: F401
+    import sn_plugin.integrations.openmmlab  # noqa: F401  (registers 'SN3d')
     from mmaction.models.backbones import ResNet3d
+
+    return ResNet3d
+
+
+def test_mmaction2_i3d_loads_the_inflated_checkpoint(fixture_net, tmp_path):
+    ResNet3d = _mmaction2_resnet3d()
+    from mmengine.runner import load_checkpoint
 
     net, _, ckpt, using_bn = fixture_net
     path = str(tmp_path / "sn_i3d.pth")
     released_to(ckpt, "mmaction2", path)
+    # mmaction2's I3D R50 config (configs/_base_/models/i3d_r50.py), with SN
     backbone = ResNet3d(50, None, pretrained2d=False, conv1_kernel=(5, 7, 7), conv1_stride_t=2,
                         pool1_stride_t=2, inflate=((1, 1, 1), (1, 0, 1, 0), (1, 0, 1, 0, 1, 0), (0, 1, 0)),
                         norm_cfg=dict(type="SN3d", using_bn=using_bn), conv_cfg=dict(type="Conv3d"))
@@ -116,6 +122,41 @@ def test_mmaction2_i3d_loads_the_inflated_checkpoint(fixture_net, tmp_path):
     assert torch.equal(state["layer1.0.conv1.sn.weight"], ckpt["state_dict"]["module.layer1.0.sn1.weight"].reshape(-1))
     assert torch.allclose(state["layer1.0.conv1.conv.weight"].sum(2),
                           ckpt["state_dict"]["module.layer1.0.conv1.weight"], atol=1e-6)
+    with torch.no_grad():  # runs on a clip
+        backbone.eval()(torch.randn(1, 3, 8, 32, 32))
+
+
+@pytest.mark.parametrize("inflate_style", ["3x1x1", "3x3x3"])
+def test_mmaction2_inflation_fits_resnet3d_of_other_depths(inflate_style):
+    """Every converted tensor has the shape mmaction2 builds, for basic (R18) and bottleneck (R101) blocks."""
+    ResNet3d = _mmaction2_resnet3d()
+    for depth, inflate in ((18, (1, (0, 1), 1, 0)), (101, (1, 0, 1, (0, 1, 0)))):
+        backbone = ResNet3d(depth, None, pretrained2d=False, conv1_kernel=(3, 7, 7), inflate=inflate,
+                            inflate_style=inflate_style, norm_cfg=dict(type="SN3d"), conv_cfg=dict(type="Conv3d"))
+        model_state = backbone.state_dict()
+        converted, _ = released_to(synthetic_released(depth), "mmaction2", conv1_kernel_t=3, inflate=inflate,
+                                   inflate_style=inflate_style)
+        state = converted["state_dict"]
+        assert set(state) == set(model_state)
+        assert all(state[k].shape == v.shape for k, v in model_state.items())
+
+
+def test_mmseg_resnet50_d8_loads_the_converted_checkpoint(fixture_net, tmp_path):
+    """mmseg's ResNet (7x7 stem) with DeepLab's dilations, as configs/mmseg/ builds it."""
+    pytest.importorskip("mmseg")
+    from mmengine.runner import load_checkpoint
+    from mmseg.models.backbones import ResNet
+
+    import sn_plugin.integrations.openmmlab  # noqa: F401
+
+    net, twin, ckpt, using_bn = fixture_net
+    path = str(tmp_path / "sn_r50_mmseg.pth")
+    released_to(ckpt, "mmseg", path)
+    backbone = ResNet(50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True,
+                      norm_cfg=dict(type="SN", using_bn=using_bn)).eval()
+    load_checkpoint(backbone, path, strict=True)
+    assert torch.equal(backbone.state_dict()["layer4.2.sn3.var_weight"],
+                       ckpt["state_dict"]["module.layer4.2.sn3.var_weight"])
 
 
 def test_mmpretrain_classifier_logits(fixture_net, tmp_path):

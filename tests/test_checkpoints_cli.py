@@ -55,4 +55,7 @@ def test_cli_bad_input_exits_1_with_a_message(cli, released_file, tmp_path, caps
     assert "error: depth mismatch" in capsys.readouterr().err
     assert cli.main(["torchvision", "mmdet", released_file, str(tmp_path / "o.pth")]) == 1
     assert "--from-bn" in capsys.readouterr().err
+    assert cli.main(["torchvision", "mmdet", released_file, str(tmp_path / "o.pth"), "--from-bn",
+                     "--bn-start-weight", "1"]) == 1
+    assert "bn_start_weight must lie in (1/3, 1)" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()

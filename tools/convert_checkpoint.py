@@ -50,8 +50,8 @@ def parse_args(argv=None):
                         help="the input has BatchNorm layers: write SN layers that start as those BNs")
     parser.add_argument("--bn-start-weight", type=float, default=DEFAULT_BN_START_WEIGHT,
                         help="with --from-bn: BN's starting importance weight (default %(default)s, as "
-                             "sn_plugin.convert_to_sn; 0.9999999 reproduces the BN outputs to ~1e-5 but leaves "
-                             "the logits almost no gradient)")
+                             "sn_plugin.convert_to_sn; 0.9999999 reproduces the BN network's outputs within 1e-4 "
+                             "but leaves the logits almost no gradient; see docs/model_zoo.md)")
     parser.add_argument("--depth", type=int, help="expected ResNet depth (checked; default: found in the file)")
     parser.add_argument("--prefix", default="",
                         help="put before every key: 'backbone.' for mmdet/mmseg load_from, "

@@ -316,7 +316,7 @@ def convert_checkpoint(
             :func:`sn_plugin.convert_to_sn` makes of it, starting as that BN.
         bn_start_weight: with ``from_bn``, BN's starting importance weight
             (``convert_to_sn``'s ``original_weight``). The default 0.999 keeps the
-            logits trainable; 1 - 1e-7 reproduces the BN network's output to ~1e-5.
+            logits trainable; 1 - 1e-7 reproduces the BN network's output within 1e-4.
         depth: the ResNet depth expected (checked against the checkpoint); default: found.
         prefix: put before every target key, e.g. ``"backbone."`` to load a whole-detector
             checkpoint with ``load_from`` (mmdet) or ``"backbone.bottom_up."`` (detectron2,
@@ -339,6 +339,9 @@ def convert_checkpoint(
         kind = "BN" if from_bn else "SN"
         raise CheckpointError(f"{kind} checkpoints can be read from {', '.join(allowed)}, not '{source_format}'"
                               + ("" if from_bn or source_format != "torchvision" else "; add --from-bn"))
+    if from_bn and not 1 / 3 < bn_start_weight < 1:
+        raise CheckpointError(f"bn_start_weight must lie in (1/3, 1) so that BN is favoured and the logits are "
+                              f"finite, got {bn_start_weight}")
     if from_bn and target == "released":
         raise CheckpointError("a BN checkpoint has no released SN counterpart: convert it to a toolkit layout")
     pkl = out is not None and out.endswith(".pkl")

@@ -5,12 +5,14 @@ live in ``sn_plugin.integrations`` and import their toolkit when imported.
 """
 from .batch_stats import LayerStatsReport, recompute_batch_stats
 from .conversion import (
-    BatchNormXd, SwitchNormNd, convert_sync_sn, convert_to_sn, register_sn_converter, revert_sync_sn, sn_source,
+    BatchNormXd, convert_sync_sn, convert_to_sn, register_sn_converter, revert_sync_sn, sn_source,
     sparsify,
 )
 from .functional import switch_norm
 from .introspection import importance_summary, importance_weights, stage_of, switch_norm_layers
-from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SyncSwitchNorm
+from .switchable_norm import (
+    SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SwitchNormNd, SyncSwitchNorm,
+)
 
 __version__ = "0.1.0"
 

@@ -24,24 +24,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .functional import BN, IN, LN
-from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SyncSwitchNorm
+from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SwitchNormNd, SyncSwitchNorm
 
 __all__ = [
-    "BatchNormXd", "ConversionOptions", "SwitchNormNd", "convert_sync_sn", "convert_to_sn",
+    "BatchNormXd", "ConversionOptions", "convert_sync_sn", "convert_to_sn",
     "register_sn_converter", "revert_sync_sn", "sparsify",
 ]
-
-
-class SwitchNormNd(SwitchNormBase):
-    """SN for (N, C, *) inputs of any rank, without synchronization.
-
-    What conversion produces where the source layer does not fix the input's
-    rank (GroupNorm, BatchNorm subclasses without a dimension, a reverted
-    SyncSwitchNorm), as mmengine's ``_BatchNormXd`` does for BatchNorm.
-    """
-
-    _expected_dims = (2, 3, 4, 5)
-    _expected_shape = "(N, C, *)"
 
 
 class BatchNormXd(_BatchNorm):

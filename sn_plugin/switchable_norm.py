@@ -209,6 +209,18 @@ class SwitchNorm3d(SwitchNormBase):
     _expected_shape = "(N, C, T, H, W)"
 
 
+class SwitchNormNd(SwitchNormBase):
+    """SN for (N, C, *) inputs of any rank, without synchronization.
+
+    What conversion produces where the source layer does not fix the input's
+    rank (GroupNorm, BatchNorm subclasses without a dimension, a reverted
+    SyncSwitchNorm), as mmengine's ``_BatchNormXd`` does for BatchNorm.
+    """
+
+    _expected_dims = (2, 3, 4, 5)
+    _expected_shape = "(N, C, *)"
+
+
 class SyncSwitchNorm(SwitchNormBase):
     """SN whose BN branch takes its statistics over every process of a group.
 

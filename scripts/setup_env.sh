@@ -122,11 +122,15 @@ else
     fi
     # --isolated: ignore pip config files and PIP_* variables for THIS step, so a
     # machine-wide find-links to a local CPU-only torch wheel (whose ABI does not
-    # match PyPI's torchvision) is not used.  CA bundle and index are passed on.
+    # match PyPI's torchvision) is not used.  PIP_CERT, PIP_DEFAULT_TIMEOUT,
+    # PIP_CACHE_DIR and PIP_INDEX_URL (or TORCH_INDEX_URL) are passed on.
     torch_args=(--isolated)
     [ -n "${PIP_CERT:-}" ] && torch_args+=(--cert "$PIP_CERT")
     [ -n "${PIP_DEFAULT_TIMEOUT:-}" ] && torch_args+=(--timeout "$PIP_DEFAULT_TIMEOUT")
-    [ -n "${TORCH_INDEX_URL:-}" ] && torch_args+=(--index-url "$TORCH_INDEX_URL")
+    [ -n "${PIP_CACHE_DIR:-}" ] && torch_args+=(--cache-dir "$PIP_CACHE_DIR")
+    if [ -n "${TORCH_INDEX_URL:-${PIP_INDEX_URL:-}}" ]; then
+        torch_args+=(--index-url "${TORCH_INDEX_URL:-$PIP_INDEX_URL}")
+    fi
     vpip install "${torch_args[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
     torch_ok "$VPY" || die "torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION installed but torchvision.ops.nms fails"
 fi

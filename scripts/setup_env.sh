@@ -75,13 +75,16 @@ stamp_value() {
 }
 
 IMPORT_CHECK='
-import importlib, sys
+import importlib, importlib.util, sys
 mods = ["torch", "torchvision", "mmengine", "mmcv", "mmcv._ext", "mmdet", "mmseg",
-        "mmpretrain", "mmaction", "pycocotools", "sn_plugin"]
+        "mmpretrain", "mmaction", "pycocotools"]
 if "--d2" in sys.argv:
     mods.append("detectron2")
 for m in mods:
     importlib.import_module(m)
+# the project itself: installed (editable), not imported, so that set-up does
+# not depend on the state of the package code
+assert importlib.util.find_spec("sn_plugin") is not None, "sn_plugin is not installed"
 '
 
 d2_flag() { [ "${SN_SKIP_DETECTRON2:-0}" = 1 ] || echo --d2; }

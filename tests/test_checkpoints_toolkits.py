@@ -89,10 +89,12 @@ def test_mmdet_resnet50_features(fixture_net, tmp_path):
     net, twin, ckpt, using_bn = fixture_net
     path = str(tmp_path / "sn_r50_mmdet.pth")
     released_to(ckpt, "mmdet", path)
-    backbone = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn), norm_eval=False).eval()
+    backbone = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn), norm_eval=False)
+    backbone.eval()  # (mmdet's ResNet.train returns None: no chaining)
     load_checkpoint(backbone, path, strict=True)
     _compare(lambda x: list(backbone(x)), twin, net, backbone)
-    configured = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn, unbiased_instance_var=True)).eval()
+    configured = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn, unbiased_instance_var=True))
+    configured.eval()
     load_checkpoint(configured, path, strict=True)
     assert max(_errors(lambda x: list(configured(x)), net)) < TOLERANCE
 
@@ -122,8 +124,9 @@ def test_mmaction2_i3d_loads_the_inflated_checkpoint(fixture_net, tmp_path):
     assert torch.equal(state["layer1.0.conv1.sn.weight"], ckpt["state_dict"]["module.layer1.0.sn1.weight"].reshape(-1))
     assert torch.allclose(state["layer1.0.conv1.conv.weight"].sum(2),
                           ckpt["state_dict"]["module.layer1.0.conv1.weight"], atol=1e-6)
+    backbone.eval()
     with torch.no_grad():  # runs on a clip
-        backbone.eval()(torch.randn(1, 3, 8, 32, 32))
+        backbone(torch.randn(1, 3, 8, 32, 32))
 
 
 @pytest.mark.parametrize("inflate_style", ["3x1x1", "3x3x3"])
@@ -153,7 +156,7 @@ def test_mmseg_resnet50_d8_loads_the_converted_checkpoint(fixture_net, tmp_path)
     path = str(tmp_path / "sn_r50_mmseg.pth")
     released_to(ckpt, "mmseg", path)
     backbone = ResNet(50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True,
-                      norm_cfg=dict(type="SN", using_bn=using_bn)).eval()
+                      norm_cfg=dict(type="SN", using_bn=using_bn))
     load_checkpoint(backbone, path, strict=True)
     assert torch.equal(backbone.state_dict()["layer4.2.sn3.var_weight"],
                        ckpt["state_dict"]["module.layer4.2.sn3.var_weight"])
@@ -173,7 +176,8 @@ def test_mmpretrain_classifier_logits(fixture_net, tmp_path):
         backbone=dict(type="ResNet", depth=50, norm_cfg=dict(type="SN", using_bn=using_bn)),
         neck=dict(type="GlobalAveragePooling"),
         head=dict(type="LinearClsHead", num_classes=10, in_channels=2048),
-    ).eval()
+    )
+    model.eval()
     load_checkpoint(model, path, strict=True)
     x = torch.randn(INPUT)
     with torch.no_grad():

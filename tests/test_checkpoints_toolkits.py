@@ -22,32 +22,44 @@ INPUT = (1, 3, 64, 64)
 TOLERANCE = 1e-4
 
 
+class Fixture:
+    """The released-layout network, its checkpoint, and its stage features on ``x``, computed once:
+    ``released`` with the released H*W-1 IN variance, ``population`` with the paper's H*W."""
+
+    def __init__(self, using_bn: bool):
+        torch.manual_seed(0)
+        self.net = randomize(ReleasedResNetV1(50, using_bn=using_bn, unbiased=True))
+        self.twin = ReleasedResNetV1(50, using_bn=using_bn, unbiased=False).eval()
+        self.twin.load_state_dict(self.net.state_dict())
+        self.ckpt, self.using_bn = released_checkpoint(self.net), using_bn
+        self.x = torch.randn(INPUT, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            self.released = self.net.features(self.x)
+            self.population = self.twin.features(self.x)
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["with_bn", "without_bn"])
 def fixture_net(request):
-    """(released-layout network, its population-variance twin, its checkpoint, using_bn)."""
-    torch.manual_seed(0)
-    net = randomize(ReleasedResNetV1(50, using_bn=request.param, unbiased=True))
-    twin = ReleasedResNetV1(50, using_bn=request.param, unbiased=False).eval()
-    twin.load_state_dict(net.state_dict())
-    return net, twin, released_checkpoint(net), request.param
+    return Fixture(request.param)
 
 
-def _errors(features, reference):
-    x = torch.randn(INPUT, generator=torch.Generator().manual_seed(1))
+def _errors(features, fix: Fixture, reference):
     with torch.no_grad():
-        return [max_rel_err(got, want) for got, want in zip(features(x), reference.features(x))]
+        return [max_rel_err(got, want) for got, want in zip(features(fix.x), reference)]
 
 
-def _compare(features, twin, net, model):
-    """Default layers match the population twin; with unbiased_instance_var they match the released net."""
-    errors = _errors(features, twin)
+def _compare(features, fix: Fixture, model=None):
+    """Default layers match the population twin and visibly differ from the released network; with
+    ``unbiased_instance_var`` set on every SN layer of ``model`` they match the released network."""
+    errors = _errors(features, fix, fix.population)
     assert max(errors) < TOLERANCE, errors
-    assert _errors(features, net)[-1] > 1e-3  # layer4 is 2x2 here: the convention shows
-    for m in model.modules():
-        if isinstance(m, SwitchNormBase):
-            m.unbiased_instance_var = True
-    errors = _errors(features, net)
-    assert max(errors) < TOLERANCE, errors
+    assert _errors(features, fix, fix.released)[-1] > 1e-3  # layer4 is 2x2 here: the convention shows
+    if model is not None:
+        for m in model.modules():
+            if isinstance(m, SwitchNormBase):
+                m.unbiased_instance_var = True
+        errors = _errors(features, fix, fix.released)
+        assert max(errors) < TOLERANCE, errors
 
 
 def test_detectron2_resnet50_features(fixture_net, tmp_path):
@@ -59,7 +71,7 @@ def test_detectron2_resnet50_features(fixture_net, tmp_path):
 
     from sn_plugin.integrations.detectron2 import add_sn_config, sn_layer_options
 
-    net, twin, ckpt, using_bn = fixture_net
+    ckpt, using_bn = fixture_net.ckpt, fixture_net.using_bn
     for suffix in [".pkl" if using_bn else ".pth"]:  # both formats detectron2 reads, one per variant
         path = str(tmp_path / f"sn_r50{suffix}")
         released_to(ckpt, "detectron2", path)
@@ -76,7 +88,7 @@ def test_detectron2_resnet50_features(fixture_net, tmp_path):
         assert torch.equal(state["res3.0.conv2.norm.mean_weight"],
                            ckpt["state_dict"]["module.layer2.0.sn2.mean_weight"])
         out = lambda x: [v for _, v in sorted(backbone(x).items())]  # noqa: E731  res2..res5
-        _compare(out, twin, net, backbone)
+        _compare(out, fixture_net, backbone)
 
 
 def test_mmdet_resnet50_features(fixture_net, tmp_path):
@@ -86,17 +98,17 @@ def test_mmdet_resnet50_features(fixture_net, tmp_path):
 
     import sn_plugin.integrations.openmmlab  # noqa: F401  (registers 'SN')
 
-    net, twin, ckpt, using_bn = fixture_net
+    ckpt, using_bn = fixture_net.ckpt, fixture_net.using_bn
     path = str(tmp_path / "sn_r50_mmdet.pth")
     released_to(ckpt, "mmdet", path)
     backbone = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn), norm_eval=False)
     backbone.eval()  # (mmdet's ResNet.train returns None: no chaining)
     load_checkpoint(backbone, path, strict=True)
-    _compare(lambda x: list(backbone(x)), twin, net, backbone)
+    _compare(lambda x: list(backbone(x)), fixture_net)
     configured = ResNet(50, norm_cfg=dict(type="SN", using_bn=using_bn, unbiased_instance_var=True))
     configured.eval()
     load_checkpoint(configured, path, strict=True)
-    assert max(_errors(lambda x: list(configured(x)), net)) < TOLERANCE
+    assert max(_errors(lambda x: list(configured(x)), fixture_net, fixture_net.released)) < TOLERANCE
 
 
 def _mmaction2_resnet3d():
@@ -112,7 +124,7 @@ def test_mmaction2_i3d_loads_the_inflated_checkpoint(fixture_net, tmp_path):
     ResNet3d = _mmaction2_resnet3d()
     from mmengine.runner import load_checkpoint
 
-    net, _, ckpt, using_bn = fixture_net
+    ckpt, using_bn = fixture_net.ckpt, fixture_net.using_bn
     path = str(tmp_path / "sn_i3d.pth")
     released_to(ckpt, "mmaction2", path)
     # mmaction2's I3D R50 config (configs/_base_/models/i3d_r50.py), with SN
@@ -152,7 +164,7 @@ def test_mmseg_resnet50_d8_loads_the_converted_checkpoint(fixture_net, tmp_path)
 
     import sn_plugin.integrations.openmmlab  # noqa: F401
 
-    net, twin, ckpt, using_bn = fixture_net
+    ckpt, using_bn = fixture_net.ckpt, fixture_net.using_bn
     path = str(tmp_path / "sn_r50_mmseg.pth")
     released_to(ckpt, "mmseg", path)
     backbone = ResNet(50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=True,
@@ -169,7 +181,7 @@ def test_mmpretrain_classifier_logits(fixture_net, tmp_path):
 
     import sn_plugin.integrations.openmmlab  # noqa: F401
 
-    net, twin, ckpt, using_bn = fixture_net
+    ckpt, using_bn = fixture_net.ckpt, fixture_net.using_bn
     path = str(tmp_path / "sn_r50_cls.pth")
     released_to(ckpt, "mmpretrain", path)
     model = ImageClassifier(
@@ -179,6 +191,5 @@ def test_mmpretrain_classifier_logits(fixture_net, tmp_path):
     )
     model.eval()
     load_checkpoint(model, path, strict=True)
-    x = torch.randn(INPUT)
     with torch.no_grad():
-        assert max_rel_err(model(x, mode="tensor"), twin(x)) < TOLERANCE
+        assert max_rel_err(model(fixture_net.x, mode="tensor"), fixture_net.twin(fixture_net.x)) < TOLERANCE

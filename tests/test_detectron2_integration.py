@@ -264,11 +264,13 @@ def test_unknown_norm_names_keep_detectron2s_error():
 
 
 def test_layer_options_from_config_reach_the_layers():
-    cfg = load_config(FASTER_FROZENBN_SNHEAD, "MODEL.SN.USING_BN", False, "MODEL.SN.MOMENTUM", 0.05)
+    cfg = load_config(FASTER_FROZENBN_SNHEAD, "MODEL.SN.USING_BN", False, "MODEL.SN.MOMENTUM", 0.05,
+                      "MODEL.SN.UNBIASED_INSTANCE_VAR", True)
     model = build(cfg)
     layers = list(sn_plugin.switch_norm_layers(model).values())
     assert len(layers) == HEAD_CONVS
     assert all(not m.using_bn and m.momentum == 0.05 and m.mean_weight.numel() == 2 for m in layers)
+    assert all(m.unbiased_instance_var for m in layers)
     with pytest.raises(TypeError, match="unknown SN layer option"):
         with sn_d2.sn_layer_options(groups=2):
             pass

@@ -71,7 +71,7 @@ _NORM_LAYERS = {"SN": SwitchNorm2d, "SyncSN": SyncSwitchNorm}
 SN_NORM_NAMES = tuple(_NORM_LAYERS)
 
 # SwitchNorm constructor arguments a config may set for the layers "SN"/"SyncSN" build.
-_LAYER_OPTION_NAMES = ("eps", "momentum", "using_bn", "using_moving_average", "last_gamma")
+_LAYER_OPTION_NAMES = ("eps", "momentum", "using_bn", "using_moving_average", "last_gamma", "unbiased_instance_var")
 
 
 def _detectron2_original(current):
@@ -307,7 +307,7 @@ def is_registered() -> bool:
 def add_sn_config(cfg: CfgNode) -> CfgNode:
     """Add the SN keys to a detectron2 config (in place; returns it) and :func:`register`.
 
-    * ``MODEL.SN.{EPS, MOMENTUM, USING_BN, USING_MOVING_AVERAGE, LAST_GAMMA}``:
+    * ``MODEL.SN.{EPS, MOMENTUM, USING_BN, USING_MOVING_AVERAGE, LAST_GAMMA, UNBIASED_INSTANCE_VAR}``:
       arguments of the layers ``"SN"``/``"SyncSN"`` build.
     * ``MODEL.SN.IMPORTANCE_LOG_PERIOD``: write the importance weights to the
       EventStorage every that many iterations (0: never).
@@ -327,6 +327,7 @@ def add_sn_config(cfg: CfgNode) -> CfgNode:
         cfg.MODEL.SN.USING_BN = True
         cfg.MODEL.SN.USING_MOVING_AVERAGE = True
         cfg.MODEL.SN.LAST_GAMMA = False
+        cfg.MODEL.SN.UNBIASED_INSTANCE_VAR = False
         cfg.MODEL.SN.IMPORTANCE_LOG_PERIOD = 20
     if "SN_BATCH_STATS" not in cfg.TEST:
         cfg.TEST.SN_BATCH_STATS = node()

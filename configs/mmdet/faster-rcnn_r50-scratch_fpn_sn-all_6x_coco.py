@@ -11,7 +11,8 @@ custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed
 
 norm_cfg = dict(_delete_=True, type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
-    backbone=dict(norm_cfg=norm_cfg),
+    # norm_eval=False: the base's norm_eval=True (meant for frozen BN) would also freeze SN.
+    backbone=dict(norm_cfg=norm_cfg, norm_eval=False),
     neck=dict(norm_cfg=norm_cfg),
     roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg)))
 

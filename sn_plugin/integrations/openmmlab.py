@@ -187,6 +187,30 @@ def _missing_batch_statistics(model: nn.Module) -> List[str]:
             if m.running_mean is not None and not m.using_moving_average and int(m.num_batches_tracked) == 0]
 
 
+class _SharedDataset(torch.utils.data.Dataset):
+    """The training dataset itself, where mmengine would deep-copy it into a second DataLoader.
+
+    Samplers reach the dataset's own methods (``get_data_info``, ``metainfo``...) through it.
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "dataset" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+
 @HOOKS.register_module()
 class SNBatchStatsHook(Hook):
     """Batch-average statistics for SN layers, whenever the model is evaluated or saved.
@@ -232,7 +256,6 @@ class SNBatchStatsHook(Hook):
         self.include_batchnorm = include_batchnorm
         self.estimate_before_test = before_test
         self._stale = True
-        self._loader = None
 
     # -- when -----------------------------------------------------------------
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -279,20 +302,23 @@ class SNBatchStatsHook(Hook):
                               include_batchnorm=self.include_batchnorm, progress=True, logger=runner.logger)
         self._stale = False
 
-    def _training_batches(self, runner) -> Optional[torch.utils.data.DataLoader]:
-        """A DataLoader over the training set, independent of the training loop's iterator; None without one."""
-        if self._loader is None:
-            loader_cfg = runner.cfg.get("train_dataloader")
-            if loader_cfg is None or runner.train_loop is None:
-                return None
-            train_loader = runner.train_dataloader
-            if isinstance(loader_cfg, dict):
-                loader_cfg = copy.deepcopy({key: value for key, value in loader_cfg.items() if key != "dataset"})
-                loader_cfg.update(dataset=train_loader.dataset, persistent_workers=False)
-                self._loader = runner.build_dataloader(loader_cfg, seed=runner.seed)
-            else:
-                self._loader = train_loader
-        return self._loader
+    @staticmethod
+    def _training_batches(runner) -> Optional[torch.utils.data.DataLoader]:
+        """A new DataLoader over the training set, independent of the training loop's iterator.
+
+        Built anew for every estimate (only its sampler is new; the dataset is
+        shared), seeded by the iteration so estimates use different batches while
+        all processes agree. None when the runner has no training data.
+        """
+        loader_cfg = runner.cfg.get("train_dataloader")
+        if loader_cfg is None or runner.train_loop is None:
+            return None
+        train_loader = runner.train_dataloader
+        if not isinstance(loader_cfg, dict):
+            return train_loader
+        loader_cfg = copy.deepcopy({key: value for key, value in loader_cfg.items() if key != "dataset"})
+        loader_cfg.update(dataset=_SharedDataset(train_loader.dataset), persistent_workers=False)
+        return runner.build_dataloader(loader_cfg, seed=runner.seed + runner.iter)
 
     @staticmethod
     def _require_statistics(runner, purpose: str) -> None:

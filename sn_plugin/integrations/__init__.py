@@ -3,4 +3,5 @@
 - :mod:`sn_plugin.integrations.openmmlab`: SN norm types, hooks and an optimizer
   constructor for mmengine-based toolkits (MMDetection, MMSegmentation,
   MMAction2, MMPretrain); name it in a config's ``custom_imports``.
+- :mod:`sn_plugin.integrations.detectron2`: ``NORM: "SN"`` in detectron2.
 """

@@ -279,7 +279,7 @@ class SNBatchStatsHook(Hook):
         if self.estimate_before_test and self._stale:
             self._estimate(runner, "before testing")
         else:
-            self._require_statistics(runner, "testing")
+            self._require_statistics(runner, "before testing")
 
     def after_train(self, runner) -> None:
         if self._stale:
@@ -294,7 +294,7 @@ class SNBatchStatsHook(Hook):
         model = _unwrap(runner.model)
         loader = self._training_batches(runner)
         if loader is None:
-            self._require_statistics(runner, when.replace("before ", ""))
+            self._require_statistics(runner, when)
             return
         runner.logger.info(f"SNBatchStatsHook: batch-average statistics from {self.num_batches} "
                            f"training batches {when}.")
@@ -321,13 +321,13 @@ class SNBatchStatsHook(Hook):
         return runner.build_dataloader(loader_cfg, seed=runner.seed + runner.iter)
 
     @staticmethod
-    def _require_statistics(runner, purpose: str) -> None:
+    def _require_statistics(runner, when: str) -> None:
         missing = _missing_batch_statistics(_unwrap(runner.model))
         if missing:
             raise RuntimeError(
                 f"SNBatchStatsHook: {len(missing)} SN layers (e.g. {missing[0]}) have using_moving_average=False "
-                f"and no batch-average statistics, and the runner has no training data to estimate them before "
-                f"{purpose}. Load a checkpoint saved by a run with SNBatchStatsHook, or configure train_dataloader "
+                f"and no batch-average statistics, and the runner has no training data to estimate them {when}. "
+                f"Load a checkpoint saved by a run with SNBatchStatsHook, or configure train_dataloader "
                 f"and train_cfg so the hook can estimate them.")
 
 

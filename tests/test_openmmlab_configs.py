@@ -272,3 +272,52 @@ def _check_predictions(scope, predictions):
             assert sample.pred_sem_seg.data.shape[-2:] == (64, 64)
         else:
             assert torch.isfinite(sample.pred_score).all()
+
+
+# -- the checkpoints the finetuning configs load ------------------------------------------------------
+FINETUNING_TARGETS = [
+    ("mmdet/mask-rcnn_r50_fpn_sn-all_2x_coco.py", "mmdet"),
+    ("mmseg/deeplabv3_r50-d8-sn_8xb2-100k_ade20k-512x512.py", "mmseg"),
+    ("mmaction2/i3d_imagenet-pretrained-r50-sn_8xb8-32x2x1-100e_kinetics400-rgb.py", "mmaction2"),
+]
+
+
+def _sn_signature(model):
+    """Order-free fingerprint of every SN layer's loaded values (the layouts name and order them differently)."""
+    return sorted(
+        (round(float(m.running_var.sum()), 3), round(float(m.mean_weight.sum()), 3), round(float(m.weight.sum()), 3))
+        for m in model.modules() if isinstance(m, SwitchNormBase))
+
+
+def test_an_mmpretrain_checkpoint_converts_into_every_finetuning_config(tmp_path):
+    """The mmpretrain configs make SN-ResNet50 checkpoints; converted, they load completely where the others point."""
+    from sn_plugin.checkpoints import convert_checkpoint
+
+    cfg = _load("mmpretrain/resnet50-sn_8xb2_in1k.py")
+    init_default_scope(cfg.default_scope)
+    classifier = MODELS.build(_offline_model_cfg(cfg, tmp_path))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in classifier.backbone.modules():
+            if isinstance(layer, SwitchNormBase):
+                layer.running_var.uniform_(0.5, 2.0, generator=generator)
+                layer.mean_weight.normal_(generator=generator)
+                layer.weight.uniform_(0.5, 2.0, generator=generator)
+                layer.num_batches_tracked.fill_(200)
+    trained = tmp_path / "epoch_100.pth"
+    torch.save({"meta": {}, "state_dict": classifier.state_dict()}, trained)
+    expected = _sn_signature(classifier.backbone)
+
+    for relative, target in FINETUNING_TARGETS:
+        cfg = _load(relative)
+        init_default_scope(cfg.default_scope)
+        converted = tmp_path / Path(_sn_checkpoint_path(cfg.model.backbone)).name
+        convert_checkpoint(str(trained), "mmpretrain", target, str(converted))
+        backbone_cfg = copy.deepcopy(cfg.model.backbone)
+        if backbone_cfg.get("init_cfg"):
+            backbone_cfg.init_cfg.checkpoint = str(converted)
+        else:
+            backbone_cfg.pretrained = str(converted)
+        backbone = MODELS.build(backbone_cfg)
+        backbone.init_weights()
+        assert _sn_signature(backbone) == expected, target

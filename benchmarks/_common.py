@@ -18,11 +18,19 @@ def write_atomically(path: str, data, binary: bool = False) -> None:
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would otherwise stay on the result
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_figure_atomically(figure, path: str, **savefig_kwargs) -> None:
@@ -45,7 +53,8 @@ def machine_record(packages: Iterable[str] = ("torch", "numpy")) -> Dict[str, ob
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            module = sys.modules.get(name)
+            versions[name] = getattr(module, "__version__", "not installed") if module else "not installed"
     return {
         "platform": platform.platform(),
         "processor": _cpu_model(),

@@ -144,9 +144,9 @@ def _offline_model_cfg(cfg: Config, tmp_path: Path):
     if model_cfg.data_preprocessor.get("size") is not None:
         model_cfg.data_preprocessor.size = (64, 64)
     if "roi_head" in model_cfg:  # the box and mask heads cost per RoI: fewer proposals and samples
-        model_cfg.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=64)
-        model_cfg.train_cfg.rcnn.sampler.num = 32
-        model_cfg.test_cfg.rpn.update(nms_pre=200, max_per_img=64)
+        model_cfg.train_cfg.rpn_proposal.update(nms_pre=100, max_per_img=32)
+        model_cfg.train_cfg.rcnn.sampler.num = 16
+        model_cfg.test_cfg.rpn.update(nms_pre=100, max_per_img=32)
     backbone = model_cfg.backbone
     checkpoint = _sn_checkpoint_path(backbone)
     if checkpoint.startswith("checkpoints/sn_"):
@@ -180,15 +180,15 @@ def _write_pretrained_backbone(backbone_cfg, path: Path) -> None:
 
 
 def _sn_layout(model):
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SwitchNormBase)}
-    return layers
+    return {name: m for name, m in model.named_modules() if isinstance(m, SwitchNormBase)}
 
 
 def _count_by_component(names, components):
+    """SN layers per component prefix; a layer outside every component counts under its own name."""
     counts = {}
     for name in names:
-        owner = [c for c in components if name.startswith(c + ".")]
-        counts[owner[0] if owner else name] = counts.get(owner[0] if owner else name, 0) + 1
+        owner = next((c for c in components if name.startswith(c + ".")), name)
+        counts[owner] = counts.get(owner, 0) + 1
     return counts
 
 

@@ -256,7 +256,11 @@ def test_config_builds_places_sn_trains_and_predicts(relative, tmp_path):
     assert any(changed), "the optimizer step should move the SN importance logits"
 
     # Inference after estimating the batch-average statistics, through the toolkit's val_step.
+    # Frozen layers (eval mode while training) keep the statistics they loaded.
+    kept = {name: m.running_var.clone() for name, m in sn_layers.items() if not m.training}
     recompute_batch_stats(model, [copy.deepcopy(batch)], forward=_training_forward, progress=False)
+    assert all(torch.equal(sn_layers[name].running_var, var) for name, var in kept.items())
+    assert all(int(m.num_batches_tracked) == 1 for name, m in sn_layers.items() if name not in kept)
     model.eval()
     with torch.no_grad():
         predictions = model.val_step(copy.deepcopy(batch))

@@ -26,6 +26,7 @@ from sn_plugin import SwitchNorm2d  # noqa: E402
 SHAPES = [(2, 256, 96, 96), (2, 1024, 48, 48), (8, 64, 56, 56)]
 QUICK_SHAPES = [(2, 16, 12, 12)]
 RESULTS = Path(__file__).resolve().parent / "results"
+LOAD_AT_START = os.getloadavg()[0]
 
 
 class AutogradSwitchNorm2d(nn.Module):
@@ -76,17 +77,21 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_median_ms(fns, device, repeats, warmup=3):
+    """Median time of each function, run round-robin so that a change in the
+    machine's load (other processes) affects every function alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def saved_bytes(layer, x):
@@ -107,20 +112,20 @@ def measure(shape, device, repeats):
     x = torch.randn(shape, device=device)
     dy = torch.randn(shape, device=device)
     xg = x.clone().requires_grad_()
-    rows = {}
-    for name, layer in layers(shape[1]).items():
-        layer = layer.to(device).train()
+    modules = {name: layer.to(device) for name, layer in layers(shape[1]).items()}
 
-        def train_step():
-            layer(xg).backward(dy)
+    def train_step(layer):
+        return lambda: layer.train()(xg).backward(dy)
 
-        fwd_bwd = median_ms(train_step, device, repeats)
-        layer.eval()
-        with torch.no_grad():
-            eval_fwd = median_ms(lambda: layer(x), device, repeats)
-        layer.train()
-        rows[name] = (fwd_bwd, eval_fwd, saved_bytes(layer, xg))
-    return rows
+    def eval_step(layer):
+        def run():
+            with torch.no_grad():
+                layer.eval()(x)
+        return run
+
+    train = interleaved_median_ms({n: train_step(m) for n, m in modules.items()}, device, repeats)
+    evaluate = interleaved_median_ms({n: eval_step(m) for n, m in modules.items()}, device, repeats)
+    return {n: (train[n], evaluate[n], saved_bytes(m.train(), xg)) for n, m in modules.items()}
 
 
 def render(results, device, repeats, wall):
@@ -129,7 +134,8 @@ def render(results, device, repeats, wall):
         "",
         f"Measured by `benchmarks/bench_layer.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
         f"{describe_device(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {repeats} runs, float32, wall time {wall:.0f} s.",
+        f"median of {repeats} round-robin runs, float32, wall time {wall:.0f} s. Machine load "
+        f"(1-min average) at the start / end: {LOAD_AT_START:.1f} / {os.getloadavg()[0]:.1f}.",
         "",
         "Train = forward + backward in training mode; eval = forward under `torch.no_grad()`. "
         "Saved = bytes kept for backward, the input included; ratio = SN (sn_plugin) over "
@@ -166,16 +172,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes, repeats = (QUICK_SHAPES, 3) if args.quick else (SHAPES, args.repeats)
     start = time.time()
     results = {shape: measure(shape, device, repeats) for shape in shapes}
     table = render(results, device, repeats, time.time() - start)
     print(table)
-    out = args.out or RESULTS / f"layer_{device.type}{'_quick' if args.quick else ''}.md"
+    suffix = ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
+    out = args.out or RESULTS / f"layer_{device.type}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(table)

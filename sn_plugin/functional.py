@@ -74,6 +74,24 @@ def _instance_moments(xs: Tensor):
     return x_hat, pivot, rstd_in, mean_in, var_in, True
 
 
+def _row_affine(t: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``t * scale + shift`` with one (scale, shift) per (n, c) row of an (N, C, S) tensor.
+
+    Runs ATen's batch-norm inference kernel on the (1, N*C, S) view, every row a
+    channel with mean 0 and variance 1 (so it computes exactly x * w + b): on CPU
+    about 3x faster than a broadcasting ``addcmul``. ``out`` may be ``t`` itself.
+    """
+    n, c, s = t.shape
+    rows = n * c
+    out = torch.empty_like(t) if out is None else out
+    zeros, ones, empty = t.new_zeros(rows), t.new_ones(rows), t.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(
+        t.view(1, rows, s), scale.reshape(rows).to(t.dtype), shift.reshape(rows).to(t.dtype), zeros, ones,
+        False, 0.0, 0.0, out=out.view(1, rows, s), save_mean=empty, save_invstd=empty,
+    )
+    return out
+
+
 def _sum_over_batch(t: Tensor, group) -> Tensor:
     total = t.sum(0, keepdim=True)
     if group is not None:
@@ -183,8 +201,7 @@ def _forward(
     if bias is not None:
         shift = shift + bias.detach().to(_STATS)
     # (x - mean) * scale + bias, written on x_hat = (x - pivot) * rstd_in
-    out = torch.addcmul(shift.to(compute).unsqueeze(-1), x_hat,
-                        (scale / rstd_in.to(_STATS)).to(compute).unsqueeze(-1), out=x_hat)
+    out = _row_affine(x_hat, scale / rstd_in.to(_STATS), shift, out=x_hat)
     stats = _Stats()
     stats.means, stats.vars, stats.pivot, stats.mean, stats.rstd = means, variances, pivot, mean, rstd
     stats.mean_weight, stats.var_weight = mw, vw
@@ -249,12 +266,10 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
         offset = grad_mean_in / s
         pivot = stats.pivot
         if stats.large_offset:
-            offset = offset + a * (pivot.to(_STATS) - mean_in)
-            grad_input = (xs - pivot.unsqueeze(-1)).mul_(a.to(compute).unsqueeze(-1))
-            grad_input.add_(offset.to(compute).unsqueeze(-1))
+            centred = xs - pivot.unsqueeze(-1)
+            grad_input = _row_affine(centred, a, offset + a * (pivot.to(_STATS) - mean_in), out=centred)
         else:
-            offset = offset - a * mean_in
-            grad_input = torch.addcmul(offset.to(compute).unsqueeze(-1), xs, a.to(compute).unsqueeze(-1))
+            grad_input = _row_affine(xs, a, offset - a * mean_in)
         grad_input.addcmul_(dy, k.to(compute).unsqueeze(-1))
         grad_input = grad_input.to(x3.dtype)
     return grad_input, grad_mean_weight, grad_var_weight, grad_weight, grad_bias

@@ -44,7 +44,7 @@ sys.path.insert(0, REPO)
 
 from benchmarks._common import (current_umask, machine_record, markdown_table,  # noqa: E402
                                 save_figure_atomically, write_atomically, write_json_atomically)
-from sn_plugin.data import CLASSES, ShapesSpec, dataset_paths, generate_shapes_dataset, rle_to_mask  # noqa: E402
+from sn_plugin.data import CLASSES, ShapesSpec, generate_shapes_dataset, rle_to_mask  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "demo", "mask_rcnn_r18_fpn_sn_shapes.py")
 DONE_MARKER = "COMPLETE"
@@ -342,7 +342,8 @@ def render_ap_markdown(summary: Dict[str, object]) -> str:
     return (f"# COCO AP on the synthetic shapes val split ({summary['dataset']['num_val']} images)\n\n"
             f"Mask R-CNN, {summary['norm']} in backbone, FPN and heads, from scratch, "
             f"{summary['images_per_batch']} images per batch, {summary['iterations']} iterations "
-            f"({summary['train_minutes']:.1f} min of training on {machine['cpu_count']} CPUs, {machine['processor']}).\n\n"
+            f"({summary['train_minutes']:.1f} min of training on {machine['cpu_count']} CPUs, "
+            f"{machine['processor']}).\n\n"
             + markdown_table(header, rows) + "\n" + per_class)
 
 

@@ -176,3 +176,14 @@ def test_learning_rate_warms_up_to_the_base_rate_and_decays(max_iters, tmp_path)
     base = cfg.optim_wrapper.optimizer.lr
     assert max(rates) == pytest.approx(base, rel=0.05)  # a too-short warm-up left it at 1% of the base
     assert rates[-1] < rates[int(max_iters * 0.5)] or max_iters == 2
+
+
+def test_python_without_torch_gets_a_message_instead_of_a_traceback(tmp_path):
+    blocked = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['demo.py', '--quick', '--out', "
+               f"{str(tmp_path / 'out')!r}]; runpy.run_path({os.path.join(REPO, 'tools', 'demo.py')!r}, "
+               "run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "demo: error:" in result.stderr and "make demo" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "out")

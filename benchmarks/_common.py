@@ -3,34 +3,16 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from importlib import metadata
 from typing import Dict, Iterable, List, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sn_plugin.atomic import atomic_write  # noqa: E402
+
 
 def write_atomically(path: str, data, binary: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    A reader never sees a half-written file: it finds the old one, or none, or the new one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would otherwise stay on the result
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it, so it is set back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write ``data`` to ``path`` so that a reader never sees a half-written file."""
+    atomic_write(path, lambda f: f.write(data), binary=binary)
 
 
 def save_figure_atomically(figure, path: str, **savefig_kwargs) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sn_plugin import SwitchNorm2d  # noqa: E402
+from sn_plugin.atomic import atomic_write  # noqa: E402
 
 SHAPES = [(2, 256, 96, 96), (2, 1024, 48, 48), (8, 64, 56, 56)]
 QUICK_SHAPES = [(2, 16, 12, 12)]
@@ -186,10 +187,7 @@ def main():
     print(table)
     suffix = ("_quick" if args.quick else "") + (f"_{args.threads}thread" if args.threads else "")
     out = args.out or RESULTS / f"layer_{device.type}{suffix}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(table)
-    os.replace(tmp, out)
+    atomic_write(str(out), lambda f: f.write(table), binary=False)
     print(f"wrote {out}")
 
 

@@ -5,15 +5,14 @@ Weights come from a model, or straight from a checkpoint's logits
 without building its model. matplotlib is imported only when a figure is drawn.
 """
 import csv
-import io
 import os
-import tempfile
 from collections import OrderedDict
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_write
 from .functional import BRANCH_NAMES
 from .introspection import importance_weights, stage_of
 
@@ -250,23 +249,10 @@ def _mark_stages(ax, stages, label_stages: bool, bar_inches: float) -> None:
                     va="bottom", fontsize=8, rotation=rotation, linespacing=1.0)
 
 
-def _atomic_write(path: str, write: Callable[[io.IOBase], None], binary: bool) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_importance_figure(figure, path: str, dpi: int = 130) -> None:
     """Save a figure atomically (no half-written file if interrupted); the format follows the extension."""
     fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    _atomic_write(path, lambda f: figure.savefig(f, format=fmt, dpi=dpi), binary=True)
+    atomic_write(path, lambda f: figure.savefig(f, format=fmt, dpi=dpi))
 
 
 def write_importance_csv(source: Union[nn.Module, Mapping], path: str,
@@ -285,4 +271,4 @@ def write_importance_csv(source: Union[nn.Module, Mapping], path: str,
                 cells += values + [""] * (3 - len(values))
             writer.writerow([name, stage(name)] + cells)
 
-    _atomic_write(path, write, binary=False)
+    atomic_write(path, write, binary=False)

@@ -157,3 +157,13 @@ def test_unindexed_layers_are_grouped_under_their_parent_and_long_labels_fit():
     hatched = [bool(p.get_hatch()) for p in figure.axes[1].patches[:len(names)]]
     assert hatched == [name.endswith("shortcut.norm") for name in names]
     assert "shortcut" in [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+
+
+def test_written_files_get_the_umask_permissions_not_mkstemps_private_ones(tmp_path):
+    from sn_plugin.atomic import current_umask
+    from sn_plugin.plotting import write_importance_csv
+
+    path = tmp_path / "weights.csv"
+    write_importance_csv({"layer1.0.sn1": (torch.ones(3) / 3, torch.ones(3) / 3)}, str(path))
+    assert path.read_text().startswith("layer,stage")
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~current_umask()

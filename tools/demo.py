@@ -43,8 +43,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 try:
-    from benchmarks._common import (current_umask, machine_record, markdown_table,
+    from benchmarks._common import (machine_record, markdown_table,
                                     save_figure_atomically, write_atomically, write_json_atomically)
+    from sn_plugin.atomic import current_umask
     from sn_plugin.data import CLASSES, ShapesSpec, generate_shapes_dataset, rle_to_mask
 except ImportError as missing:  # e.g. a Python without torch, outside the project's environment
     sys.exit(f"demo: error: {missing}. Run `make demo` (it sets up .venv first) or use .venv/bin/python.")

@@ -2,11 +2,11 @@
 import os
 import pickle
 import sys
-import tempfile
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, TypeVar
 
 import torch
 
+from ..atomic import atomic_write
 from .errors import CheckpointError
 
 T = TypeVar("T")
@@ -61,24 +61,12 @@ def state_dict_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
 
 
 def atomic_save(obj: Any, path: str, pickle_format: bool = False) -> None:
-    """Write ``obj`` to ``path`` through a temporary file in the same folder, then ``os.replace``:
-    a failure leaves no half-written file, and an existing ``path`` stays intact until the end."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if pickle_format:
-                pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Save ``obj`` (``torch.save``, or pickle for detectron2's ``.pkl``) atomically: a
+    failure leaves no half-written file, and an existing ``path`` stays intact until the end."""
+    if pickle_format:
+        atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+    else:
+        atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def progress(items: Iterable[T], total: int, desc: str, enabled: bool) -> Iterator[T]:

@@ -1,4 +1,5 @@
 """SN behaves in the OpenMMLab toolkits the way BatchNorm does (sn_plugin.integrations.openmmlab)."""
+import logging
 import os
 import subprocess
 import sys
@@ -253,6 +254,25 @@ def test_sn_constructor_applies_norm_rules_to_every_sn_parameter():
     # Without norm_decay_mult SN keeps the base decay.
     groups = _groups(model, constructor="SNOptimWrapperConstructor", paramwise_cfg=dict(bias_decay_mult=1.0))
     assert all(groups[n] == (0.1, 1e-4) for n in SN_PARAMS)
+
+
+def test_sn_constructor_logs_its_per_parameter_lines_at_debug_level_like_mmengine():
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        _groups(_Tiny(), constructor="SNOptimWrapperConstructor", paramwise_cfg=dict(norm_decay_mult=0.0))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    sn_lines = [r for r in records if "(SN)" in r.getMessage()]
+    assert sn_lines and all(r.levelno == logging.DEBUG for r in sn_lines)
 
 
 # -- batch-statistics hook without training data ---------------------------------------------------

@@ -160,7 +160,7 @@ class SNOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 group["weight_decay"] = self.base_wd * norm_decay_mult
             print_log(f"paramwise_options -- {full_name} (SN): "
                       f"lr={group.get('lr', self.base_lr)}, weight_decay={group.get('weight_decay', self.base_wd)}",
-                      logger="current", level=logging.INFO)
+                      logger="current", level=logging.DEBUG)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -81,9 +81,17 @@ def test_without_the_custom_import_sn_is_unknown_and_the_documented_line_fixes_i
 
 
 # -- norm_eval, frozen_stages, init ---------------------------------------------------------------
+def _build_in_scope(registry, cfg):
+    """Build with ``registry``'s own scope: an earlier test's ``init_default_scope`` would
+    otherwise redirect mmengine's build to another toolkit's registry."""
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope(registry.scope):
+        return registry.build(cfg)
+
+
 def _backbone(registry_module, **kwargs):
-    registry = __import__(registry_module, fromlist=["MODELS"]).MODELS
-    return registry.build(kwargs)
+    return _build_in_scope(__import__(registry_module, fromlist=["MODELS"]).MODELS, kwargs)
 
 
 BACKBONES = [
@@ -298,8 +306,8 @@ def test_mmaction_models_import_and_drn_says_why_it_is_missing():
     import mmaction
     import mmaction.models  # noqa: F401  (fails without the placeholder on mmaction2 1.2.0 from PyPI)
     from mmaction.registry import MODELS as ACTION_MODELS
-    i3d = ACTION_MODELS.build(dict(type="ResNet3d", depth=18, pretrained=None, pretrained2d=False,
-                                   norm_cfg=dict(type="SN3d")))
+    i3d = _build_in_scope(ACTION_MODELS, dict(type="ResNet3d", depth=18, pretrained=None, pretrained2d=False,
+                                              norm_cfg=dict(type="SN3d")))
     assert len(_sn_layers(i3d)) == 20
     if mmaction.__version__ == "1.2.0":  # the release whose PyPI files lack the DRN package
         assert mmaction_compat.drn_placeholder_in_use()

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .atomic import atomic_write
 from .functional import BRANCH_NAMES
 from .introspection import importance_weights, stage_of
+from .state_dicts import inner_state_dict, strip_prefixes
 
 __all__ = [
     "importance_weights_from_checkpoint", "importance_weights_from_state_dict", "plot_importance_weights",
@@ -28,26 +29,6 @@ _LOGIT_SUFFIXES = (".mean_weight", ".var_weight")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 
 
-def _unwrap_checkpoint(checkpoint: Mapping) -> Mapping:
-    """The state dict inside a checkpoint: mmengine's ``state_dict``, detectron2's ``model``,
-    or the checkpoint itself."""
-    for key in ("state_dict", "model", "module"):
-        inner = checkpoint.get(key)
-        if isinstance(inner, Mapping):
-            return inner
-    return checkpoint
-
-
-def _strip_wrappers(name: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
-
-
 def importance_weights_from_state_dict(checkpoint: Mapping) -> Weights:
     """Per SN layer, the softmaxed (mean, variance) weights read from a state dict's logits.
 
@@ -55,12 +36,12 @@ def importance_weights_from_state_dict(checkpoint: Mapping) -> Weights:
     or ``model``; ``module.`` prefixes (DataParallel/DDP) are removed. Layers
     keep the state dict's order (the model's module order).
     """
-    state = _unwrap_checkpoint(checkpoint)
+    state = inner_state_dict(checkpoint)
     logits: Dict[str, Dict[str, Tensor]] = OrderedDict()
     for key, value in state.items():
         for suffix in _LOGIT_SUFFIXES:
             if isinstance(key, str) and key.endswith(suffix):
-                name = _strip_wrappers(key[: -len(suffix)])
+                name = strip_prefixes(key[: -len(suffix)], _WRAPPER_PREFIXES)
                 logits.setdefault(name, {})[suffix] = torch.as_tensor(value).detach().float().cpu()
     weights = OrderedDict()
     for name, pair in logits.items():

@@ -10,7 +10,7 @@ released -> ours -> released exact.
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from ..conversion import convert_to_sn
 from .errors import CheckpointError
 from .inflation import I3D_R50_CONV1_KERNEL_T, I3D_R50_INFLATE, InflateArg, i3d_temporal_kernels, inflate_conv, \
     temporal_kernels_from_state
+from ..state_dicts import strip_prefixes
 from .io import atomic_save, load_file, progress, same_file, state_dict_of
 from .layouts import LAYOUTS, Layout, get_layout
 from .resnet import ResNetSpec, check_shape, expected_shape, format_shape, infer_spec, refuse_v2, split_key
@@ -73,16 +74,6 @@ class _Canonical:
 
 # ----------------------------------------------------------------------------------------------- reading
 
-def _strip(key: str, prefixes: Sequence[str]) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
 def _read(state: Mapping[str, torch.Tensor], layout: Layout, norm: str, source: str, depth: Optional[int],
           summary: ConversionSummary) -> _Canonical:
     refuse_v2(state, source)
@@ -90,7 +81,7 @@ def _read(state: Mapping[str, torch.Tensor], layout: Layout, norm: str, source: 
     tensors: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     origin = {}
     for key, value in state.items():
-        module, param = split_key(_strip(key, layout.strip_prefixes))
+        module, param = split_key(strip_prefixes(key, layout.strip_prefixes))
         if module in inverse:
             canonical = f"{inverse[module]}.{param}"
             tensors[canonical], origin[canonical] = value, key

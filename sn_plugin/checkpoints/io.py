@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, TypeVar
 import torch
 
 from ..atomic import atomic_write
+from ..state_dicts import inner_state_dict
 from .errors import CheckpointError
 
 T = TypeVar("T")
@@ -41,12 +42,9 @@ def load_file(path: str) -> Any:
 
 def state_dict_of(obj: Any, source: str) -> Dict[str, torch.Tensor]:
     """The tensors of a loaded checkpoint: its ``state_dict`` (released, mmengine), ``model``
-    (detectron2) or the dict itself; numpy arrays (detectron2 ``.pkl``) become tensors."""
+    (detectron2), ``module`` or the dict itself; numpy arrays (detectron2 ``.pkl``) become tensors."""
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+        obj = inner_state_dict(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
     state: Dict[str, torch.Tensor] = {}

@@ -313,7 +313,7 @@ def test_mmaction_models_import_and_drn_says_why_it_is_missing():
         assert mmaction_compat.drn_placeholder_in_use()
     if mmaction_compat.drn_placeholder_in_use():
         with pytest.raises(ImportError, match="packaging bug"):
-            ACTION_MODELS.build(dict(type="DRN"))
+            _build_in_scope(ACTION_MODELS, dict(type="DRN"))
 
 
 def _fake_toolkit(root: Path, name: str, with_drn: bool) -> str:

@@ -136,7 +136,8 @@ def render(results, device, repeats, wall):
         f"Measured by `benchmarks/bench_layer.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
         f"{describe_device(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {repeats} round-robin runs, float32, wall time {wall:.0f} s. Machine load "
-        f"(1-min average) at the start / end: {LOAD_AT_START:.1f} / {os.getloadavg()[0]:.1f}.",
+        f"(1-min average) at the start / end: {LOAD_AT_START:.1f} / {os.getloadavg()[0]:.1f}. "
+        f"glibc malloc settings: {malloc_settings()}.",
         "",
         "Train = forward + backward in training mode; eval = forward under `torch.no_grad()`. "
         "Saved = bytes kept for backward, the input included; ratio = SN (sn_plugin) over "
@@ -161,6 +162,13 @@ def render(results, device, repeats, wall):
             f"{plain[2] / rows['BatchNorm2d'][2]:.2f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+def malloc_settings():
+    """The glibc tunables that decide whether freed tensors' memory is reused or page-faulted
+    in again: on this machine they change every layer's timing by up to 3x."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    return ", ".join(settings) or "defaults"
 
 
 def describe_device(device):

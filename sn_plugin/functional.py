@@ -29,7 +29,8 @@ IN, LN, BN = 0, 1, 2
 BRANCH_NAMES = ("IN", "LN", "BN")
 
 # Instance statistics start from ATen's group-norm kernel (one group per
-# channel), which needs eps > 0 to keep zero-variance channels finite.
+# channel), which needs eps > 0 to keep zero-variance channels finite; it is
+# subtracted again from the variance the kernel's 1/std implies.
 _STAT_EPS = 1e-5
 # Above this |mean| / std ratio (of any (n, c) row) the input counts as having a
 # large offset: the IN statistics are re-measured on the centred data and the

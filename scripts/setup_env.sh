@@ -48,6 +48,14 @@ if [ -z "${MAX_JOBS:-}" ]; then
 fi
 export MAX_JOBS
 
+# Machines of this project's own CI keep a prebuilt mmcv wheel beside the clone
+# (../shared/wheels); pip takes it instead of the source build. A user's machine
+# has no such folder and builds mmcv from source.
+SHARED_WHEELS="$(cd "$ROOT/.." && pwd)/shared/wheels"
+if [ -d "$SHARED_WHEELS" ]; then
+    export PIP_FIND_LINKS="${PIP_FIND_LINKS:+$PIP_FIND_LINKS }$SHARED_WHEELS"
+fi
+
 # Quiet the "Location ... is ignored" noise of file:// extra indexes, keep errors.
 pip_filter() { grep -v -E "^WARNING: Location '.*' is ignored|^\[notice\]" || true; }
 vpip() {

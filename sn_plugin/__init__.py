@@ -11,13 +11,13 @@ from .conversion import (
 from .functional import switch_norm
 from .introspection import importance_summary, importance_weights, stage_of, switch_norm_layers
 from .switchable_norm import (
-    SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SwitchNormNd, SyncSwitchNorm,
+    FrozenSwitchNorm, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SwitchNormNd, SyncSwitchNorm,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SwitchNormBase", "SyncSwitchNorm", "switch_norm",
+    "FrozenSwitchNorm", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SwitchNormBase", "SyncSwitchNorm", "switch_norm",
     "importance_summary", "importance_weights", "stage_of", "switch_norm_layers",
     "LayerStatsReport", "recompute_batch_stats",
     "BatchNormXd", "SwitchNormNd", "convert_sync_sn", "convert_to_sn", "register_sn_converter", "revert_sync_sn",

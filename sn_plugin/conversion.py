@@ -16,7 +16,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .functional import BN, IN, LN
-from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SwitchNormNd, SyncSwitchNorm
+from .switchable_norm import (
+    FrozenSwitchNorm, SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SwitchNormNd, SyncSwitchNorm,
+)
 
 __all__ = [
     "BatchNormXd", "ConversionOptions", "convert_sync_sn", "convert_to_sn",
@@ -42,10 +44,12 @@ class BatchNormXd(_BatchNorm):
 
 
 _SN_BY_RANK_SUFFIX = {"1d": SwitchNorm1d, "2d": SwitchNorm2d, "3d": SwitchNorm3d}
-_BN_FOR_SN: Dict[type, type] = {
-    SwitchNorm1d: nn.BatchNorm1d, SwitchNorm2d: nn.BatchNorm2d, SwitchNorm3d: nn.BatchNorm3d,
-    SyncSwitchNorm: nn.SyncBatchNorm,
-}
+# Searched in order with isinstance, so subclasses (e.g. a user's SwitchNorm2d with extra
+# attributes) get their base class's BatchNorm.
+_BN_FOR_SN: Tuple[Tuple[type, type], ...] = (
+    (SyncSwitchNorm, nn.SyncBatchNorm), (SwitchNorm1d, nn.BatchNorm1d), (SwitchNorm2d, nn.BatchNorm2d),
+    (SwitchNorm3d, nn.BatchNorm3d),
+)
 
 
 def _sn_class_for(source: nn.Module) -> Type[SwitchNormBase]:
@@ -60,19 +64,6 @@ def _sn_class_for(source: nn.Module) -> Type[SwitchNormBase]:
 # ---------------------------------------------------------------------------------------------
 # Synchronized SN
 # ---------------------------------------------------------------------------------------------
-
-def _respecified_sn(module: SwitchNormBase, cls: Type[SwitchNormBase], **extra) -> SwitchNormBase:
-    """An SN layer of class ``cls`` that takes over ``module``'s parameters and buffers (the same
-    tensor objects, so nothing is copied), training mode and configuration."""
-    new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-              module.using_bn, module.using_moving_average, module.last_gamma, device="meta", **extra)
-    for name, param in module._parameters.items():
-        setattr(new, name, param)
-    for name, buffer in module._buffers.items():
-        setattr(new, name, buffer)
-    new.train(module.training)
-    return new
-
 
 _PROCESS_GROUP_ATTRIBUTES = ("process_group", "group")
 
@@ -112,7 +103,7 @@ def convert_sync_sn(model: nn.Module, process_group=None) -> nn.Module:
 
     def convert(name, module):
         if isinstance(module, SwitchNormBase) and not isinstance(module, SyncSwitchNorm):
-            new = _respecified_sn(module, SyncSwitchNorm, process_group=process_group)
+            new = module.rebuilt_as(SyncSwitchNorm, process_group=process_group)
             new._sn_unsynced_class = type(module)
             return new
         return None
@@ -131,7 +122,7 @@ def revert_sync_sn(model: nn.Module) -> nn.Module:
 
     def convert(name, module):
         if isinstance(module, SyncSwitchNorm):
-            return _respecified_sn(module, getattr(module, "_sn_unsynced_class", SwitchNormNd))
+            return module.rebuilt_as(getattr(module, "_sn_unsynced_class", SwitchNormNd))
         return None
 
     return _replace_modules(model, convert)
@@ -420,7 +411,7 @@ _HARD_MARGIN = 1e4
 
 def _batch_norm_from(sn: SwitchNormBase) -> _BatchNorm:
     """The BatchNorm that computes what an SN layer choosing BN for mean and variance computes."""
-    cls = _BN_FOR_SN.get(type(sn), BatchNormXd)
+    cls = next((bn for sn_cls, bn in _BN_FOR_SN if isinstance(sn, sn_cls)), BatchNormXd)
     extra = {"process_group": sn.process_group} if cls is nn.SyncBatchNorm else {}
     bn = cls(sn.num_features, sn.eps, sn.momentum, sn.affine, sn.track_running_stats, device="meta", **extra)
     for name in ("weight", "bias"):
@@ -464,7 +455,7 @@ def sparsify(model: nn.Module, freeze: bool = True) -> nn.Module:
         if freeze:
             module.mean_weight.requires_grad_(False)
             module.var_weight.requires_grad_(False)
-            if chose_bn:
+            if chose_bn and not isinstance(module, FrozenSwitchNorm):
                 return _batch_norm_from(module)
         return module
 

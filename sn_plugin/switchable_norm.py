@@ -4,7 +4,8 @@ One generic base class holds the parameters, buffers and the choice of
 statistics; the dimension-specific subclasses only check the input's rank, as
 torch's ``BatchNorm1d/2d/3d`` do. The maths live in :mod:`sn_plugin.functional`.
 """
-from typing import Optional, Tuple
+import inspect
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,8 @@ class SwitchNormBase(_NormBase):
 
     _expected_dims: Tuple[int, ...] = ()
     _expected_shape: str = ""
+    # mmcv's build_norm_layer names layers by it (sn1, sn2, ...), as the released SN checkpoints do.
+    _abbr_ = "sn"
 
     def __init__(
         self,
@@ -84,6 +87,33 @@ class SwitchNormBase(_NormBase):
         factory = {"device": device, "dtype": dtype}
         self.mean_weight = nn.Parameter(torch.ones(num_branches, **factory))
         self.var_weight = nn.Parameter(torch.ones(num_branches, **factory))
+
+    @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        """The names of the constructor arguments that :meth:`options` reports (not device/dtype)."""
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(name for name in params if name not in ("self", "device", "dtype"))
+
+    def options(self) -> Dict[str, Any]:
+        """The constructor arguments this layer was built with: ``type(layer)(**layer.options())``
+        builds the same layer (with fresh parameters). Every rebuild of an SN layer (sync, revert,
+        freeze, sparsify, conversion, the toolkit adapters) goes through this, so none drops an option."""
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def rebuilt_as(self, cls: Type["SwitchNormBase"], **changes) -> "SwitchNormBase":
+        """A layer of class ``cls`` with this layer's options (updated by ``changes``) that takes over
+        this layer's parameters and buffers (the same tensor objects, nothing is copied) and its
+        training mode. Options ``cls`` does not take (e.g. ``process_group`` when going from
+        :class:`SyncSwitchNorm` to a local layer) are dropped."""
+        wanted = cls.option_names()
+        options = {name: value for name, value in {**self.options(), **changes}.items() if name in wanted}
+        new = cls(**options, device="meta")
+        for name, param in self._parameters.items():
+            setattr(new, name, param)
+        for name, buffer in self._buffers.items():
+            setattr(new, name, buffer)
+        new.train(self.training)
+        return new
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -249,3 +279,61 @@ class SyncSwitchNorm(SwitchNormBase):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
+
+
+class FrozenSwitchNorm(SwitchNormBase):
+    """SN whose parameters and statistics are fixed: what ``FrozenBatchNorm2d`` is to BN.
+
+    Frozen stages of a backbone (detectron2's ``FREEZE_AT``, OpenMMLab's
+    ``frozen_stages``) must neither learn nor update statistics. This layer
+    stays in eval mode whatever ``train()`` is called with, so its BN branch
+    always uses the running statistics (also during
+    :func:`sn_plugin.recompute_batch_stats`, which leaves it as it is), and its
+    parameters have ``requires_grad=False``. It keeps every option of the layer
+    it was made from (:meth:`options`), and its state-dict keys are SN's, so a
+    checkpoint loads the same into frozen and trainable stages.
+
+    Like ``FrozenBatchNorm2d`` it uses whatever statistics it holds: the "batch
+    average not estimated yet" check of ``using_moving_average=False`` does not
+    apply, because frozen statistics are never estimated. Accepts (N, C, *).
+    """
+
+    _expected_dims = (2, 3, 4, 5)
+    _expected_shape = "(N, C, *)"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
+                 using_moving_average: bool = True, last_gamma: bool = False,
+                 unbiased_instance_var: bool = False, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, using_bn,
+                         using_moving_average, last_gamma, unbiased_instance_var, device, dtype)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenSwitchNorm":
+        return super().train(False)
+
+    def _check_bn_statistics_ready(self) -> None:
+        pass
+
+    @classmethod
+    def from_switch_norm(cls, module: SwitchNormBase) -> "FrozenSwitchNorm":
+        """A frozen copy of an SN layer, with all its options (``module`` is not modified)."""
+        options = {k: v for k, v in module.options().items() if k in cls.option_names()}
+        frozen = cls(**options, device=module.mean_weight.device, dtype=module.mean_weight.dtype)
+        frozen.load_state_dict(module.state_dict())
+        return frozen
+
+    @classmethod
+    def convert_frozen_switch_norm(cls, module: nn.Module) -> nn.Module:
+        """Replace every SN layer in ``module`` by a frozen copy, as
+        ``FrozenBatchNorm2d.convert_frozen_batchnorm`` does for BN: returns a new
+        layer if ``module`` itself is SN, otherwise converts its children in place
+        and returns ``module``."""
+        if isinstance(module, SwitchNormBase) and not isinstance(module, FrozenSwitchNorm):
+            return cls.from_switch_norm(module)
+        for name, child in module.named_children():
+            frozen = cls.convert_frozen_switch_norm(child)
+            if frozen is not child:
+                module.add_module(name, frozen)
+        return module

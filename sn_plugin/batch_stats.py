@@ -11,7 +11,10 @@ variance become the average over those batches. The same procedure is known as
 The result is exact: each layer's running mean and variance equal the mean and
 the population variance of every value it normalized during the pass, as if all
 batches had been concatenated (for batches of equal size: the mean of the batch
-means and the mean of the batch E[x^2] minus the squared mean). Under
+means and the mean of the batch E[x^2] minus the squared mean). SN layers in the
+authors' convention (``unbiased_instance_var=True``) average their own batch
+variance instead (derived from the unbiased IN variances), as the authors'
+batch average does. Under
 ``torch.distributed`` the sums are all-reduced, so every process ends with the
 statistics of the union of all processes' batches.
 """
@@ -25,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from .functional import batch_statistics
 from .switchable_norm import SwitchNormBase
 
 __all__ = ["LayerStatsReport", "recompute_batch_stats"]
@@ -69,17 +73,13 @@ class _Accumulator:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, Tensor) or x.numel() == 0:
             return
-        x = x.detach()
-        dims = [0] + list(range(2, x.dim()))
         values = x.numel() // x.shape[1]
-        # var_mean is a stable one-pass reduction in the input's precision;
-        # widening only the per-channel results keeps memory at one input size.
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        mean = mean.to(torch.float64)
+        # Each layer's own convention for the batch variance (the authors' unbiased one for SN
+        # layers reproducing their checkpoints); a stable reduction in the input's precision,
+        # only the per-channel results widened, so memory stays at one input size.
+        mean, var = batch_statistics(x, getattr(layer, "unbiased_instance_var", False))
         self.sum.add_(mean, alpha=values)
-        self.sum_sq.add_(var.to(torch.float64) + mean.square(), alpha=values)
+        self.sum_sq.add_(var + mean.square(), alpha=values)
         self.values += values
         self.samples += x.shape[0]
         if self.current_batch != self.batch_index:
@@ -227,7 +227,8 @@ def recompute_batch_stats(
     gradients, on up to ``num_batches`` batches of ``batches`` (``None``: all of
     them), and replaces each estimated layer's ``running_mean``/``running_var``
     by the mean and population variance of everything it normalized during the
-    pass, weighted by the number of values each batch gave it. This is the
+    pass, weighted by the number of values each batch gave it (SN layers with
+    ``unbiased_instance_var=True``: their own batch variance, averaged the same way). This is the
     paper's "batch average" (Sec. 2.1), which SN layers built with
     ``using_moving_average=False`` need before they can evaluate; their
     ``num_batches_tracked`` becomes the number of batches used, which marks the

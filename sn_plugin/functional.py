@@ -8,18 +8,33 @@ Notation follows the paper (Luo et al., ICLR 2019). For an input viewed as
 * BN statistics are derived from them per c, over the batch (and over every
   process of ``process_group`` when one is given: synchronized SN).
 
+An (N, C) input has no IN branch (its "instance" is a single value): it mixes
+LN over the channels and BN over the batch, as the authors' ``SwitchNorm1d``
+does; the IN logit is then ignored.
+
 The mixed statistics ``mu = sum_k w_k mu_k``, ``var = sum_k w'_k var_k`` give one
 scale and one shift per (n, c), so the output is a single fused affine. The
 backward pass is the analytic one of the paper's Appendix H, written so that it
 needs the input plus O(N*C) statistics, as BatchNorm does, instead of the many
-full-size intermediates plain autograd would keep.
+full-size intermediates plain autograd would keep. The importance logits'
+gradients use the statistics relative to the mixed ones,
+``sum(dL/dmu * (mu_k - mu))``: the softmax backward makes that equal to the
+plain form, without its cancellation for inputs with a large offset.
+
+Convention (``unbiased_instance_var``): by default the paper's population
+variances, and BatchNorm's running-variance rule (the batch variance times
+M*S/(M*S-1)). With ``unbiased_instance_var=True`` the authors' released code:
+the IN variance divided by S-1 (for (N, C) inputs the LN and BN variances
+divided by C-1 and N-1, as their 1d layer's ``var()``), the other variances
+derived from it, and the running variance updated with the BN variance as it
+is used, with no further correction.
 
 The derived LN/BN variances are computed as ``mean(var_in + (mu_in - mu)^2)``
 rather than ``mean(var_in + mu_in^2) - mu^2``: the same value, without the
 cancellation that the second form suffers for large means in float32.
 """
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -41,6 +56,8 @@ _LARGE_OFFSET_RATIO = 64.0
 # only roundings are those of the full-size passes, which run in the input's
 # precision (float32 for float16/bfloat16 inputs).
 _STATS = torch.float64
+# A number of samples: a Python number, or a 0-d tensor when it comes from other processes.
+Count = Union[float, Tensor]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,12 +77,16 @@ def _instance_moments(xs: Tensor):
     variance at mean 1e4, std 1).
     """
     n, c, s = xs.shape
-    if xs.numel() == 0:  # an empty shard of a synchronized batch
-        empty = xs.new_zeros(n, c)
-        return xs.clone(), empty, empty + 1, empty.to(_STATS), empty.to(_STATS), False
+    if xs.numel() == 0 or s == 1:  # an empty shard of a synchronized batch; one value per (n, c)
+        pivot = xs.view(n, c)
+        zeros = torch.zeros_like(pivot)
+        return torch.zeros_like(xs), pivot, zeros + 1, pivot.to(_STATS), zeros.to(_STATS), False
     x_hat, pivot, rstd_in = torch.native_group_norm(xs, None, None, n, c, s, c, _STAT_EPS)
     std_in = rstd_in.to(_STATS).reciprocal()
-    large_offset = xs.dtype != torch.float64 and bool((pivot.abs() * rstd_in > _LARGE_OFFSET_RATIO).any())
+    # On CPU the test costs nothing; elsewhere it would stall the device queue, so the
+    # accurate form is always taken.
+    large_offset = xs.dtype != torch.float64 and (
+        xs.device.type != "cpu" or bool((pivot.abs() * rstd_in > _LARGE_OFFSET_RATIO).any()))
     if not large_offset:
         return x_hat, pivot, rstd_in, pivot.to(_STATS), (std_in.square() - _STAT_EPS).clamp_min_(0.0), False
     hat_mean = x_hat.sum(-1).to(_STATS) / s
@@ -100,37 +121,77 @@ def _sum_over_batch(t: Tensor, group) -> Tensor:
     return total
 
 
-def _batch_moments(mean_in: Tensor, var_in: Tensor, group) -> Tuple[Tensor, Tensor, float]:
+def _batch_moments(mean_in: Tensor, var_in: Tensor, group) -> Tuple[Tensor, Tensor, Count]:
     """BN mean and population variance per channel from the IN moments (Eq. 4).
 
     Returns (mean_bn, var_bn, number of samples) with mean/var of shape (1, C).
     Under a process group the per-rank sums are all-reduced, so every rank gets
-    the statistics of the whole (possibly unevenly split) batch.
+    the statistics of the whole (possibly unevenly split) batch; the count then
+    stays a tensor on the device (reading it would stall the device queue), and
+    a batch that is empty on every process gives zero statistics.
     """
     n = mean_in.shape[0]
     if group is None:
-        count = float(n)
+        count: Count = float(n)
         mean_bn = mean_in.mean(0, keepdim=True)
     else:
-        packed = torch.cat([mean_in.sum(0), mean_in.new_tensor([n])])
+        packed = torch.cat([mean_in.sum(0), mean_in.new_full((1,), n)])
         dist.all_reduce(packed, group=group)
-        count = float(packed[-1].item())
-        if count == 0:
-            raise ValueError("SyncSwitchNorm: every process has an empty batch; the BN branch has no data")
-        mean_bn = (packed[:-1] / count).unsqueeze(0)
-    var_bn = _sum_over_batch(var_in + (mean_in - mean_bn).square(), group) / count
+        count = packed[-1]
+        mean_bn = (packed[:-1] / count.clamp_min(1)).unsqueeze(0)
+    var_bn = _sum_over_batch(var_in + (mean_in - mean_bn).square(), group) / _at_least_one(count)
     return mean_bn, var_bn, count
+
+
+def _at_least_one(count: Count) -> Count:
+    return count.clamp_min(1) if isinstance(count, Tensor) else max(count, 1.0)
+
+
+def _sample_correction(count: Count) -> Count:
+    """``count / (count - 1)``, 1 where there are fewer than two values."""
+    if isinstance(count, Tensor):
+        return torch.where(count > 1, count / (count - 1).clamp_min(1), torch.ones_like(count))
+    return count / (count - 1) if count > 1 else 1.0
+
+
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean_bn: Tensor, var_bn: Tensor,
+                          values: Count, momentum: float, unbiased_instance_var: bool) -> None:
+    """Moving averages of the BN statistics over ``values`` = M * S values per channel.
+
+    BatchNorm's rule by default (the batch variance made unbiased); in the
+    authors' convention the BN variance as used, which is already derived from
+    the unbiased IN variance. Nothing changes when there are fewer than two values.
+    """
+    if isinstance(values, Tensor):
+        weight = (values > 1).to(running_mean.dtype) * momentum
+    elif values > 1:
+        weight = momentum
+    else:
+        return
+    var = var_bn if unbiased_instance_var else var_bn * _sample_correction(values)
+    running_mean.lerp_(mean_bn.view(-1).to(running_mean.dtype), weight)
+    running_var.lerp_(var.view(-1).to(running_var.dtype), weight)
+
+
+def _mixing_weights(logits: Tensor, has_instance: bool) -> Tensor:
+    """Softmaxed importance weights in float64, one per branch [IN, LN(, BN)]; without the IN
+    branch (an (N, C) input) its weight is 0 and the softmax runs over the other logits."""
+    logits = logits.detach().to(_STATS)
+    if has_instance:
+        return logits.softmax(0)
+    return torch.cat([logits.new_zeros(1), logits[1:].softmax(0)])
 
 
 class _Stats:
     """Everything the backward pass needs besides the input, all O(N*C)."""
 
-    __slots__ = ("means", "vars", "pivot", "mean", "rstd", "mean_weight", "var_weight",
-                 "count", "batch_stats", "large_offset", "in_var_divisor")
-    _SCALARS = ("count", "batch_stats", "large_offset", "in_var_divisor")
+    __slots__ = ("means", "vars", "pivot", "mean", "var", "rstd", "mean_weight", "var_weight",
+                 "count", "batch_stats", "large_offset", "in_var_divisor", "ln_var_factor", "bn_var_factor")
+    _SCALARS = ("count", "batch_stats", "large_offset", "in_var_divisor", "ln_var_factor", "bn_var_factor")
 
     def tensors(self) -> List[Tensor]:
-        return [self.pivot, self.mean, self.rstd, self.mean_weight, self.var_weight, *self.means, *self.vars]
+        return [self.pivot, self.mean, self.var, self.rstd, self.mean_weight, self.var_weight,
+                *self.means, *self.vars]
 
     def scalars(self) -> tuple:
         return tuple(getattr(self, name) for name in self._SCALARS)
@@ -138,9 +199,9 @@ class _Stats:
     @classmethod
     def rebuild(cls, tensors, scalars) -> "_Stats":
         stats = cls()
-        stats.pivot, stats.mean, stats.rstd, stats.mean_weight, stats.var_weight = tensors[:5]
-        branches = (len(tensors) - 5) // 2
-        stats.means, stats.vars = list(tensors[5:5 + branches]), list(tensors[5 + branches:])
+        stats.pivot, stats.mean, stats.var, stats.rstd, stats.mean_weight, stats.var_weight = tensors[:6]
+        branches = (len(tensors) - 6) // 2
+        stats.means, stats.vars = list(tensors[6:6 + branches]), list(tensors[6 + branches:])
         for name, value in zip(cls._SCALARS, scalars):
             setattr(stats, name, value)
         return stats
@@ -148,8 +209,8 @@ class _Stats:
 
 def _forward(
     x3: Tensor,
-    mean_weight: Tensor,
-    var_weight: Tensor,
+    mean_logits: Tensor,
+    var_logits: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     running_mean: Optional[Tensor],
@@ -158,7 +219,8 @@ def _forward(
     momentum: float,
     eps: float,
     group,
-    unbiased_instance_var: bool = False,
+    unbiased_instance_var: bool,
+    has_instance: bool,
 ) -> Tuple[Tensor, _Stats]:
     """SN forward on a contiguous (N, C, S) tensor; returns (output, stats).
 
@@ -172,27 +234,33 @@ def _forward(
     in_var_divisor = float(s - 1 if unbiased_instance_var and s > 1 else s)
     if in_var_divisor != s:
         var_in = var_in * (s / in_var_divisor)
+    # The authors' 1d layer takes unbiased variances over the channels and over the batch.
+    sample_variances = unbiased_instance_var and not has_instance
 
     mean_ln = mean_in.mean(1, keepdim=True)
-    var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
+    ln_var_factor = _sample_correction(float(c)) if sample_variances else 1.0
+    var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True) * ln_var_factor
     means: List[Tensor] = [mean_in, mean_ln]
     variances: List[Tensor] = [var_in, var_ln]
-    count = float(n)
-    if mean_weight.numel() == 3:
+    count: Count = float(n)
+    bn_var_factor: Count = 1.0
+    if mean_logits.numel() == 3:
         if batch_stats:
             mean_bn, var_bn, count = _batch_moments(mean_in, var_in, group)
-            if running_mean is not None and count * s > 1:
-                unbiased = var_bn * (count * s / (count * s - 1))
-                running_mean.lerp_(mean_bn.view(-1).to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased.view(-1).to(running_var.dtype), momentum)
+            if sample_variances:
+                bn_var_factor = _sample_correction(count)
+                var_bn = var_bn * bn_var_factor
+            if running_mean is not None:
+                _update_running_stats(running_mean, running_var, mean_bn, var_bn, count * s, momentum,
+                                      unbiased_instance_var)
         else:
             mean_bn = running_mean.view(1, c).to(_STATS)
             var_bn = running_var.view(1, c).to(_STATS)
         means.append(mean_bn)
         variances.append(var_bn)
 
-    mw = mean_weight.detach().to(_STATS)
-    vw = var_weight.detach().to(_STATS)
+    mw = _mixing_weights(mean_logits, has_instance)
+    vw = _mixing_weights(var_logits, has_instance)
     mean = sum(mw[k] * means[k] for k in range(len(means)))
     var = sum(vw[k] * variances[k] for k in range(len(variances)))
     rstd = (var + eps).rsqrt()
@@ -204,11 +272,22 @@ def _forward(
     # (x - mean) * scale + bias, written on x_hat = (x - pivot) * rstd_in
     out = _row_affine(x_hat, scale / rstd_in.to(_STATS), shift, out=x_hat)
     stats = _Stats()
-    stats.means, stats.vars, stats.pivot, stats.mean, stats.rstd = means, variances, pivot, mean, rstd
+    stats.means, stats.vars, stats.pivot, stats.mean, stats.var, stats.rstd = means, variances, pivot, mean, var, rstd
     stats.mean_weight, stats.var_weight = mw, vw
     stats.count, stats.batch_stats, stats.large_offset = count, batch_stats, large_offset
-    stats.in_var_divisor = in_var_divisor
+    stats.in_var_divisor, stats.ln_var_factor, stats.bn_var_factor = in_var_divisor, ln_var_factor, bn_var_factor
     return out.to(x3.dtype), stats
+
+
+def _logit_gradient(weights: Tensor, grad_stat: Tensor, stats: List[Tensor], mixed: Tensor) -> Tensor:
+    """dL/dlogits through the softmax, from dL/d(mixed statistic) per (n, c).
+
+    With g_k = sum(grad * (stat_k - mixed)) the softmax backward
+    w_k * (g_k - sum_j w_j g_j) reduces to w_k * g_k (sum_j w_j g_j is 0), and no
+    term of the size of the statistics themselves is ever formed. An absent IN
+    branch has weight 0 and so gets no gradient.
+    """
+    return torch.stack([(grad_stat * (stat - mixed)).sum() for stat in stats]) * weights
 
 
 def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _Stats, group, needs_grad):
@@ -245,20 +324,22 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
     d_mean = -rstd * sum_dy                        # dL/d mu, per (n, c)
     d_var = -0.5 * rstd.square() * sum_dy_xhat     # dL/d sigma^2, per (n, c)
 
-    grad_mean_weight = torch.stack([(d_mean * m).sum() for m in stats.means])
-    grad_var_weight = torch.stack([(d_var * v).sum() for v in stats.vars])
+    mw, vw = stats.mean_weight, stats.var_weight
+    branches = len(stats.means)
+    grad_mean_logits = _logit_gradient(mw[:branches], d_mean, stats.means, mean)
+    grad_var_logits = _logit_gradient(vw[:branches], d_var, stats.vars, stats.var)
 
     grad_input = None
     if needs_grad[0]:
-        mw, vw = stats.mean_weight, stats.var_weight
         mean_in, mean_ln = stats.means[IN], stats.means[LN]
         ln_mean_grad = mw[LN] * d_mean.mean(1, keepdim=True)
-        ln_var_grad = vw[LN] * d_var.mean(1, keepdim=True)
+        ln_var_grad = vw[LN] * stats.ln_var_factor * d_var.mean(1, keepdim=True)
         grad_mean_in = mw[IN] * d_mean + ln_mean_grad + 2 * ln_var_grad * (mean_in - mean_ln)
         grad_var_in = vw[IN] * d_var + ln_var_grad
-        if len(stats.means) == 3 and stats.batch_stats:
-            bn_mean_grad = mw[BN] * _sum_over_batch(d_mean, group) / stats.count
-            bn_var_grad = vw[BN] * _sum_over_batch(d_var, group) / stats.count
+        if branches == 3 and stats.batch_stats:
+            count = _at_least_one(stats.count)
+            bn_mean_grad = mw[BN] * _sum_over_batch(d_mean, group) / count
+            bn_var_grad = vw[BN] * stats.bn_var_factor * _sum_over_batch(d_var, group) / count
             grad_mean_in = grad_mean_in + bn_mean_grad + 2 * bn_var_grad * (mean_in - stats.means[BN])
             grad_var_in = grad_var_in + bn_var_grad
         # dx = k * dy + a * (x - mean_in) + grad_mean_in / S
@@ -273,20 +354,20 @@ def _backward(grad_out: Tensor, x3: Tensor, weight: Optional[Tensor], stats: _St
             grad_input = _row_affine(xs, a, offset - a * mean_in)
         grad_input.addcmul_(dy, k.to(compute).unsqueeze(-1))
         grad_input = grad_input.to(x3.dtype)
-    return grad_input, grad_mean_weight, grad_var_weight, grad_weight, grad_bias
+    return grad_input, grad_mean_logits, grad_var_logits, grad_weight, grad_bias
 
 
 class _SwitchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x3, mean_weight, var_weight, weight, bias, running_mean, running_var,
-                batch_stats, momentum, eps, group, unbiased_instance_var):
-        out, stats = _forward(x3, mean_weight, var_weight, weight, bias, running_mean, running_var,
-                              batch_stats, momentum, eps, group, unbiased_instance_var)
+    def forward(ctx, x3, mean_logits, var_logits, weight, bias, running_mean, running_var,
+                batch_stats, momentum, eps, group, unbiased_instance_var, has_instance):
+        out, stats = _forward(x3, mean_logits, var_logits, weight, bias, running_mean, running_var,
+                              batch_stats, momentum, eps, group, unbiased_instance_var, has_instance)
         # Saved through save_for_backward (not as ctx attributes) so that
         # saved-tensor hooks (offloading, memory accounting) see everything.
         ctx.save_for_backward(x3, weight, *stats.tensors())
         ctx.scalars, ctx.group = stats.scalars(), group
-        ctx.param_dtypes = [None if t is None else t.dtype for t in (mean_weight, var_weight, weight, bias)]
+        ctx.param_dtypes = [None if t is None else t.dtype for t in (mean_logits, var_logits, weight, bias)]
         return out
 
     @staticmethod
@@ -296,15 +377,15 @@ class _SwitchNormFunction(torch.autograd.Function):
         stats = _Stats.rebuild(tensors, ctx.scalars)
         grad_input, *param_grads = _backward(grad_out, x3, weight, stats, ctx.group, ctx.needs_input_grad)
         param_grads = [g if g is None else g.to(dt) for g, dt in zip(param_grads, ctx.param_dtypes)]
-        return (grad_input, *param_grads) + (None,) * 7
+        return (grad_input, *param_grads) + (None,) * 8
 
 
 def switch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    mean_weight: Tensor,
-    var_weight: Tensor,
+    mean_logits: Tensor,
+    var_logits: Tensor,
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     training: bool = False,
@@ -316,20 +397,21 @@ def switch_norm(
     """Switchable Normalization of ``input`` of shape (N, C, *).
 
     Args:
-        mean_weight, var_weight: importance weights (already softmaxed, summing to
-            1) of the [IN, LN, BN] statistics, or [IN, LN] for SN without BN.
+        mean_logits, var_logits: the importance logits (before the softmax) of
+            the [IN, LN, BN] statistics, or [IN, LN] for SN without BN. For an
+            (N, C) input, which has no IN branch, the softmax runs over the
+            others and the IN logit is ignored.
         running_mean, running_var: (C,) statistics of the BN branch. With
             ``training=True`` the BN branch uses the batch and these are updated
-            in place (``running = (1 - momentum) * running + momentum * batch``,
-            unbiased batch variance), if given. With ``training=False`` the BN
-            branch uses them; ``None`` then means "use the batch", like
-            ``F.batch_norm``.
+            in place (``running = (1 - momentum) * running + momentum * batch``;
+            see the module docstring for the variance convention), if given.
+            With ``training=False`` the BN branch uses them; ``None`` then means
+            "use the batch", like ``F.batch_norm``.
         process_group: when given (and ``training``), BN statistics are taken
             over every process of the group.
-        unbiased_instance_var: divide the IN variance by S - 1 instead of S (the
-            convention of the authors' released implementation; the LN and BN
-            variances derived from it inherit it). Only for reproducing models
-            trained that way; the paper's Eq. 2 is the default.
+        unbiased_instance_var: the authors' released-code convention (see the
+            module docstring). Only for reproducing models trained that way; the
+            paper's Eq. 2 is the default.
 
     Full-size passes run in the input's precision (float32 for float16 and
     bfloat16); the O(N*C) statistics are kept in float64. The output has the
@@ -337,27 +419,54 @@ def switch_norm(
     which gradients still flow, and leaves the running statistics untouched.
     """
     n, c = input.shape[0], input.shape[1]
-    k = mean_weight.numel()
-    if k not in (2, 3) or var_weight.numel() != k:
+    k = mean_logits.numel()
+    if k not in (2, 3) or var_logits.numel() != k:
         raise ValueError(
-            f"switch_norm: mean_weight and var_weight must both have 3 entries [IN, LN, BN] "
-            f"or 2 [IN, LN]; got {mean_weight.numel()} and {var_weight.numel()}"
+            f"switch_norm: mean_logits and var_logits must both have 3 entries [IN, LN, BN] "
+            f"or 2 [IN, LN]; got {mean_logits.numel()} and {var_logits.numel()}"
         )
     batch_stats = training or running_mean is None
     if input.numel() == 0 and process_group is None:
-        return _empty_output(input, mean_weight, var_weight, weight, bias)
+        return _empty_output(input, mean_logits, var_logits, weight, bias)
     x3 = input.reshape(n, c, math.prod(input.shape[2:])).contiguous()
     # Statistics must not be computed in a lower precision chosen by autocast.
     with torch.autocast(input.device.type, enabled=False):
-        args = (mean_weight, var_weight, weight, bias,
+        args = (mean_logits, var_logits, weight, bias,
                 running_mean if k == 3 else None, running_var if k == 3 else None,
-                batch_stats, momentum, eps, process_group, unbiased_instance_var)
+                batch_stats, momentum, eps, process_group, unbiased_instance_var, input.dim() > 2)
         if torch.is_grad_enabled() and (input.requires_grad or any(
-                t is not None and t.requires_grad for t in (mean_weight, var_weight, weight, bias))):
+                t is not None and t.requires_grad for t in (mean_logits, var_logits, weight, bias))):
             out = _SwitchNormFunction.apply(x3, *args)
         else:
             out, _ = _forward(x3, *args)
     return out.view(input.shape) if input.is_contiguous() else _like(out.view(input.shape), input)
+
+
+@torch.no_grad()
+def batch_statistics(input: Tensor, unbiased_instance_var: bool = False) -> Tuple[Tensor, Tensor]:
+    """Per-channel (mean, variance) of the BN branch on one batch, as SN's training forward uses them.
+
+    Float64, shape (C,). The paper's convention gives the population variance of
+    the batch; the authors' (``unbiased_instance_var``) the variance derived from
+    the unbiased IN variances (for (N, C) inputs the unbiased variance over N).
+    :func:`sn_plugin.recompute_batch_stats` averages these over batches.
+    """
+    n, c = input.shape[0], input.shape[1]
+    dims = [0] + list(range(2, input.dim()))
+    x = input.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if not unbiased_instance_var:
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        return mean.to(_STATS), var.to(_STATS)
+    s = math.prod(input.shape[2:])
+    var_in, mean_in = torch.var_mean(x.reshape(n, c, s), dim=-1, correction=1 if s > 1 else 0)
+    mean_in, var_in = mean_in.to(_STATS), var_in.to(_STATS)
+    mean_bn = mean_in.mean(0)
+    var_bn = (var_in + (mean_in - mean_bn).square()).mean(0)
+    if input.dim() == 2:
+        var_bn = var_bn * _sample_correction(float(n))
+    return mean_bn, var_bn
 
 
 def _like(out: Tensor, input: Tensor) -> Tensor:
@@ -371,10 +480,10 @@ def _like(out: Tensor, input: Tensor) -> Tensor:
     return out
 
 
-def _empty_output(input, mean_weight, var_weight, weight, bias) -> Tensor:
+def _empty_output(input, mean_logits, var_logits, weight, bias) -> Tensor:
     """An empty output that stays connected to every parameter (zero gradients)."""
     shape = (1, -1) + (1,) * (input.dim() - 2)
-    out = input * 0.0 + (mean_weight.sum() + var_weight.sum()) * 0.0
+    out = input * 0.0 + (mean_logits.sum() + var_logits.sum()) * 0.0
     if weight is not None:
         out = out * weight.view(shape)
     if bias is not None:

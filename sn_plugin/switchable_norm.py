@@ -46,11 +46,14 @@ class SwitchNormBase(_NormBase):
             before that raises an error instead of using the initial 0/1 buffers.
         last_gamma: initialise gamma to 0 (zero-init of the last norm layer in a
             residual block).
-        unbiased_instance_var: divide the IN variance by (spatial size - 1), as
-            the authors' released implementation did. Set it to reproduce the
-            outputs of a network converted from their checkpoints (see
-            docs/model_zoo.md); it is a construction setting, not saved in the
-            state dict. Default: Eq. 2 of the paper (population variance).
+        unbiased_instance_var: the authors' released-code convention instead of
+            the paper's: the IN variance divided by (spatial size - 1) (for
+            (N, C) inputs the LN and BN variances divided by C - 1 and N - 1), and
+            the running variance updated with the BN variance as used, without
+            BatchNorm's extra correction. Set it to reproduce networks converted
+            from their checkpoints (see docs/model_zoo.md); it is a construction
+            option, not saved in the state dict. Default: Eq. 2 of the paper
+            (population variances) with BatchNorm's running-variance rule.
 
     In training, a batch of one sample makes the BN statistics equal the IN
     ones (so SN effectively mixes IN and LN, as the paper notes); when the
@@ -125,7 +128,11 @@ class SwitchNormBase(_NormBase):
             nn.init.ones_(self.var_weight)
 
     def importance_weights(self) -> Tuple[Tensor, Tensor]:
-        """The current softmaxed importance weights (mean, variance), [IN, LN(, BN)]."""
+        """The current softmaxed importance weights (mean, variance), [IN, LN(, BN)].
+
+        These are the weights of inputs with spatial dimensions; an (N, C) input
+        has no IN branch and mixes LN and BN by the softmax of their two logits.
+        """
         return self.mean_weight.softmax(0), self.var_weight.softmax(0)
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -169,7 +176,6 @@ class SwitchNormBase(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        mean_weight, var_weight = self.importance_weights()
         group = self._stats_group() if self.training else None
         batch_stats = self._uses_batch_stats()
         has_variance = group is not None or input.numel() > self.num_features
@@ -184,8 +190,8 @@ class SwitchNormBase(_NormBase):
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
-            mean_weight,
-            var_weight,
+            self.mean_weight,
+            self.var_weight,
             self.weight,
             self.bias,
             batch_stats,
@@ -219,7 +225,14 @@ class SwitchNormBase(_NormBase):
 
 
 class SwitchNorm1d(SwitchNormBase):
-    """SN over (N, C) or (N, C, L) inputs. See :class:`SwitchNormBase` for the arguments."""
+    """SN over (N, C, L) or (N, C) inputs. See :class:`SwitchNormBase` for the arguments.
+
+    (N, C, L) inputs mix IN (over L), LN and BN like the 2d layer. An (N, C)
+    input has no instance statistics worth the name (one value each), so, as in
+    the authors' 1d layer, it mixes only LN (over C) and BN (over N): the IN logit
+    is ignored and the softmax runs over [LN, BN]. Their 1d checkpoints, with two
+    logits [LN, BN], load through :func:`sn_plugin.checkpoints.convert_released_1d_state`.
+    """
 
     _expected_dims = (2, 3)
     _expected_shape = "(N, C) or (N, C, L)"

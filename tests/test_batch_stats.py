@@ -259,3 +259,34 @@ def test_empty_iterable_is_rejected_and_changes_nothing():
 def test_bad_num_batches_is_rejected():
     with pytest.raises(ValueError, match="num_batches must be positive"):
         recompute_batch_stats(Net(), make_batches(), num_batches=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (6, 3)])
+def test_layers_in_the_authors_convention_average_their_own_batch_variance(shape):
+    """The authors' batch average: the mean over batches of the BN variance as their layer uses
+    it (derived from unbiased IN variances; unbiased over N for (N, C) inputs) plus the spread
+    of the batch means; the paper's convention gives the population variance of every value."""
+    torch.manual_seed(3)
+    batches = [torch.randn(shape) * 2 + 1 for _ in range(3)]
+    authors = SwitchNorm2d(3, unbiased_instance_var=True) if len(shape) == 4 else \
+        SwitchNorm1d(3, unbiased_instance_var=True)
+    recompute_batch_stats(authors, batches, progress=False)
+    means, second_moments = [], []
+    for x in batches:
+        xd = x.double()
+        if xd.dim() == 2:
+            mean_bn, var_bn = xd.mean(0), xd.var(0, unbiased=True)
+        else:
+            var_in, mean_in = xd.var((2, 3), unbiased=True), xd.mean((2, 3))
+            mean_bn = mean_in.mean(0)
+            var_bn = (var_in + mean_in ** 2).mean(0) - mean_bn ** 2
+        means.append(mean_bn)
+        second_moments.append(var_bn + mean_bn ** 2)
+    mean = torch.stack(means).mean(0)
+    torch.testing.assert_close(authors.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(authors.running_var.double(), torch.stack(second_moments).mean(0) - mean ** 2,
+                               rtol=1e-5, atol=1e-6)
+    paper = type(authors)(3)
+    recompute_batch_stats(paper, batches, progress=False)
+    values = torch.cat([x.double().transpose(0, 1).reshape(3, -1) for x in batches], dim=1)
+    torch.testing.assert_close(paper.running_var.double(), values.var(1, unbiased=False), rtol=1e-5, atol=1e-6)

@@ -96,17 +96,99 @@ def test_released_unbiased_instance_variance_convention(training):
     x = x.double().requires_grad_()
 
     def fn(x, weight, bias, mean_logits, var_logits):
-        return switch_norm(x, m.running_mean, m.running_var, mean_logits.softmax(0), var_logits.softmax(0),
+        return switch_norm(x, m.running_mean, m.running_var, mean_logits, var_logits,
                            weight, bias, training=training, unbiased_instance_var=True)
 
     assert torch.autograd.gradcheck(fn, (x, m.weight, m.bias, m.mean_weight, m.var_weight))
 
 
-def test_one_dimensional_input_without_length():
-    x = torch.randn(8, 5)
-    m = randomise(SwitchNorm1d(5))
-    torch.testing.assert_close(m(x).double(), reference_sn(x.unsqueeze(-1), m, True).squeeze(-1),
-                               rtol=1e-5, atol=1e-5)
+def authors_sn1d(x, m, training):
+    """The authors' released SwitchNorm1d on an (N, C) input, as their code computes it: LN
+    over C and BN over N with two logits [LN, BN]; with ``m.unbiased_instance_var`` their
+    ``var()`` (unbiased), otherwise population variances."""
+    xd = x.double()
+    unbiased = m.unbiased_instance_var
+    mean_ln, var_ln = xd.mean(1, keepdim=True), xd.var(1, unbiased=unbiased, keepdim=True)
+    if training:
+        mean_bn, var_bn = xd.mean(0, keepdim=True), xd.var(0, unbiased=unbiased, keepdim=True)
+    else:
+        mean_bn, var_bn = m.running_mean.double().view(1, -1), m.running_var.double().view(1, -1)
+    wm, wv = m.mean_weight.double()[1:].softmax(0), m.var_weight.double()[1:].softmax(0)
+    mean = wm[0] * mean_ln + wm[1] * mean_bn
+    var = wv[0] * var_ln + wv[1] * var_bn
+    y = (xd - mean) / (var + m.eps).sqrt()
+    return y * m.weight.double() + m.bias.double(), var_bn
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_two_dimensional_input_mixes_ln_and_bn_like_the_authors_1d_layer(unbiased, training):
+    torch.manual_seed(16)
+    x = torch.randn(8, 5) * 2 + 1
+    m = randomise(SwitchNorm1d(5, unbiased_instance_var=unbiased)).train(training)
+    expected, var_bn = authors_sn1d(x, m, training)
+    running_var = m.running_var.double().clone()
+    torch.testing.assert_close(m(x).double(), expected, rtol=1e-5, atol=1e-5)
+    if training:  # BatchNorm1d's rule by default, the authors' (the BN variance as used) in their convention
+        batch_var = var_bn.view(-1) if unbiased else x.double().var(0, unbiased=True)
+        torch.testing.assert_close(m.running_var.double(), 0.9 * running_var + 0.1 * batch_var, rtol=1e-5, atol=1e-6)
+
+
+def test_two_dimensional_input_at_default_initialisation_is_half_ln_half_bn():
+    x = torch.randn(16, 7)
+    m = SwitchNorm1d(7)
+    ln = nn.functional.layer_norm(x, (7,), eps=0.0)
+    expected, _ = authors_sn1d(x, m, True)
+    torch.testing.assert_close(m(x).double(), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(m(x), ln, atol=1e-2)  # the IN branch plays no part
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_two_dimensional_input_gradients(unbiased):
+    torch.manual_seed(17)
+    m = randomise(SwitchNorm1d(4, unbiased_instance_var=unbiased)).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, bias, mean_logits, var_logits):
+        return switch_norm(x, None, None, mean_logits, var_logits, weight, bias, training=True,
+                           unbiased_instance_var=unbiased)
+
+    assert torch.autograd.gradcheck(fn, (x, m.weight, m.bias, m.mean_weight, m.var_weight))
+    (m(x) * torch.arange(24.0, dtype=torch.float64).view(6, 4)).sum().backward()
+    assert m.mean_weight.grad[0] == 0 and m.var_weight.grad[0] == 0  # the unused IN logit
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_unbiased_convention_updates_running_variance_like_the_authors(shape, momentum):
+    """Their update: running = (1 - m) * running + m * var_bn, var_bn derived from the unbiased
+    IN variance and used as it is (no BatchNorm correction on top of it)."""
+    torch.manual_seed(18)
+    m = one_hot(SN_BY_RANK[len(shape)](shape[1], unbiased_instance_var=True, momentum=momentum), 2)
+    x = torch.randn(shape) * 2 + 1
+    m(x)
+    dims = tuple(range(2, x.dim()))
+    xd = x.double()
+    var_in = xd.var(dims, unbiased=True)
+    mean_in = xd.mean(dims)
+    var_bn = (var_in + mean_in ** 2).mean(0) - mean_in.mean(0) ** 2
+    factor = 0.1 if momentum else 1.0
+    torch.testing.assert_close(m.running_var.double(), (1 - factor) + factor * var_bn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.running_mean.double(), factor * mean_in.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_logit_gradients_stay_accurate_for_large_offsets():
+    torch.manual_seed(19)
+    x = torch.randn(4, 6, 8, 8) + 1e3
+    dy = torch.randn_like(x)
+
+    def logit_grads(dtype):
+        m = randomise(SwitchNorm2d(6), seed=3).to(dtype)
+        (m(x.to(dtype)) * dy.to(dtype)).sum().backward()
+        return torch.cat([m.mean_weight.grad, m.var_weight.grad]).double()
+
+    exact = logit_grads(torch.float64)
+    assert _max_error(logit_grads(torch.float32), exact) <= 1e-5 * exact.abs().max()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -160,7 +242,7 @@ def test_gradcheck_input_affine_and_logits(shape, using_bn, training):
     running = (m.running_mean, m.running_var) if using_bn and not training else (None, None)
 
     def fn(x, weight, bias, mean_logits, var_logits):
-        return switch_norm(x, *running, mean_logits.softmax(0), var_logits.softmax(0), weight, bias,
+        return switch_norm(x, *running, mean_logits, var_logits, weight, bias,
                            training=training or not using_bn, eps=m.eps)
 
     params = (m.weight, m.bias, m.mean_weight, m.var_weight)

@@ -5,7 +5,7 @@ live in ``sn_plugin.integrations`` and import their toolkit when imported.
 """
 from .batch_stats import LayerStatsReport, recompute_batch_stats
 from .conversion import (
-    BatchNormXd, convert_sync_sn, convert_to_sn, register_sn_converter, revert_sync_sn, sn_source,
+    BatchNormXd, SNSource, convert_sync_sn, convert_to_sn, register_sn_converter, revert_sync_sn, sn_source,
     sparsify,
 )
 from .functional import switch_norm
@@ -21,5 +21,5 @@ __all__ = [
     "importance_summary", "importance_weights", "stage_of", "switch_norm_layers",
     "LayerStatsReport", "recompute_batch_stats",
     "BatchNormXd", "SwitchNormNd", "convert_sync_sn", "convert_to_sn", "register_sn_converter", "revert_sync_sn",
-    "sn_source", "sparsify",
+    "SNSource", "sn_source", "sparsify",
 ]

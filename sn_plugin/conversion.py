@@ -29,7 +29,7 @@ from .switchable_norm import (
 )
 
 __all__ = [
-    "BatchNormXd", "ConversionOptions", "convert_sync_sn", "convert_to_sn",
+    "BatchNormXd", "ConversionOptions", "SNSource", "convert_sync_sn", "convert_to_sn",
     "register_sn_converter", "revert_sync_sn", "sparsify",
 ]
 
@@ -147,8 +147,8 @@ class ConversionOptions:
 
 
 @dataclass
-class _Source:
-    """What a converter reads off a normalization layer, in SN's terms."""
+class SNSource:
+    """What a converter reads off a normalization layer, in SN's terms (see :func:`register_sn_converter`)."""
 
     num_features: int
     eps: float
@@ -171,12 +171,12 @@ def _favouring(branch: int, options: ConversionOptions) -> Tuple[float, float, f
     return tuple(weights)
 
 
-def _from_batch_norm(m: nn.Module, options: ConversionOptions) -> _Source:
+def _from_batch_norm(m: nn.Module, options: ConversionOptions) -> SNSource:
     """torch's BatchNorms and the duck-typed ones of other libraries (see _looks_like_batch_norm)."""
     sync = isinstance(m, nn.SyncBatchNorm) or "sync" in type(m).__name__.lower()
     group = getattr(m, "process_group", getattr(m, "group", None))  # mmcv's SyncBatchNorm: ``group``
     running_mean = getattr(m, "running_mean", None)
-    return _Source(
+    return SNSource(
         m.num_features if hasattr(m, "num_features") else running_mean.numel(), m.eps, _favouring(BN, options),
         weight=getattr(m, "weight", None), bias=getattr(m, "bias", None),
         running_mean=running_mean, running_var=getattr(m, "running_var", None),
@@ -186,16 +186,16 @@ def _from_batch_norm(m: nn.Module, options: ConversionOptions) -> _Source:
     )
 
 
-def _from_instance_norm(m: _InstanceNorm, options: ConversionOptions) -> _Source:
+def _from_instance_norm(m: _InstanceNorm, options: ConversionOptions) -> SNSource:
     inexact = ""
     if m.track_running_stats:
         inexact = ("InstanceNorm with track_running_stats=True normalizes with running statistics in eval; "
                    "SN's IN branch always uses the instance's own")
-    return _Source(m.num_features, m.eps, _favouring(IN, options), weight=m.weight, bias=m.bias,
+    return SNSource(m.num_features, m.eps, _favouring(IN, options), weight=m.weight, bias=m.bias,
                    momentum=m.momentum, inexact=inexact)
 
 
-def _from_group_norm(m: nn.GroupNorm, options: ConversionOptions) -> _Source:
+def _from_group_norm(m: nn.GroupNorm, options: ConversionOptions) -> SNSource:
     groups, channels = m.num_groups, m.num_channels
     if groups == channels:
         weights, inexact = _favouring(IN, options), ""
@@ -209,14 +209,14 @@ def _from_group_norm(m: nn.GroupNorm, options: ConversionOptions) -> _Source:
         weights = ((1 - t) * w, t * w, 1 - w)
         inexact = (f"GroupNorm({groups}, {channels}) has no SN equivalent (only 1 group = LN or one group "
                    f"per channel = IN have); it starts as {weights[0]:.2f} IN + {weights[1]:.2f} LN")
-    return _Source(channels, m.eps, weights, weight=m.weight, bias=m.bias, cls=SwitchNormNd, inexact=inexact)
+    return SNSource(channels, m.eps, weights, weight=m.weight, bias=m.bias, cls=SwitchNormNd, inexact=inexact)
 
 
-def _from_layer_norm(m: nn.LayerNorm, options: ConversionOptions) -> Optional[_Source]:
+def _from_layer_norm(m: nn.LayerNorm, options: ConversionOptions) -> Optional[SNSource]:
     if len(m.normalized_shape) != 1:
         return None  # normalizes over more than the channels: not a per-sample channel statistic SN has
     bias = getattr(m, "bias", None)
-    return _Source(m.normalized_shape[0], m.eps, _favouring(LN, options), weight=m.weight, bias=bias,
+    return SNSource(m.normalized_shape[0], m.eps, _favouring(LN, options), weight=m.weight, bias=bias,
                    cls=SwitchNorm1d)
 
 
@@ -233,7 +233,7 @@ def _looks_like_batch_norm(m: nn.Module) -> bool:
     return frozen or "batchnorm" in type(m).__name__.lower()
 
 
-Converter = Callable[[nn.Module, ConversionOptions], Optional[_Source]]
+Converter = Callable[[nn.Module, ConversionOptions], Optional[SNSource]]
 # (class, converter, also for subclasses); searched in order after an exact-class match.
 _CONVERTERS: List[Tuple[type, Converter, bool]] = [
     (_BatchNorm, _from_batch_norm, True),
@@ -254,12 +254,12 @@ def register_sn_converter(cls: type, converter: Converter, subclasses: bool = Tr
     _CONVERTERS.insert(0, (cls, converter, subclasses))
 
 
-def sn_source(num_features: int, eps: float, branch_weights: Sequence[float], **fields) -> _Source:
+def sn_source(num_features: int, eps: float, branch_weights: Sequence[float], **fields) -> SNSource:
     """A layer's description for :func:`register_sn_converter` converters: ``branch_weights``
     are the starting importance weights [IN, LN, BN]; ``fields`` are ``weight``, ``bias``,
     ``running_mean``, ``running_var``, ``num_batches_tracked``, ``momentum``,
     ``track_running_stats``, ``cls`` (the SN class), ``extra`` and ``inexact``."""
-    return _Source(num_features, eps, tuple(branch_weights), **fields)
+    return SNSource(num_features, eps, tuple(branch_weights), **fields)
 
 
 def _find_converter(m: nn.Module, layer_norm: bool) -> Optional[Converter]:
@@ -275,7 +275,7 @@ def _find_converter(m: nn.Module, layer_norm: bool) -> Optional[Converter]:
     return None
 
 
-def _build_sn(source: _Source, original: nn.Module, options: ConversionOptions) -> SwitchNormBase:
+def _build_sn(source: SNSource, original: nn.Module, options: ConversionOptions) -> SwitchNormBase:
     reference = next(iter([*original.parameters(), *original.buffers()]), None)
     factory = {"device": reference.device if reference is not None else None,
                "dtype": reference.dtype if reference is not None and reference.is_floating_point() else None}

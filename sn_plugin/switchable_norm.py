@@ -231,7 +231,7 @@ class SwitchNorm1d(SwitchNormBase):
     input has no instance statistics worth the name (one value each), so, as in
     the authors' 1d layer, it mixes only LN (over C) and BN (over N): the IN logit
     is ignored and the softmax runs over [LN, BN]. Their 1d checkpoints, with two
-    logits [LN, BN], load through :func:`sn_plugin.checkpoints.convert_released_1d_state`.
+    logits [LN, BN], load after :func:`sn_plugin.checkpoints.convert_released_1d_state`.
     """
 
     _expected_dims = (2, 3)

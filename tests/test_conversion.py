@@ -329,3 +329,42 @@ def test_sparsify_sync_and_rank_free_layers_and_without_freezing():
     unfrozen = sparsify(model, freeze=False)
     assert all(isinstance(m, SwitchNormBase) and m.mean_weight.requires_grad for m in unfrozen)
     assert unfrozen[1].importance_weights()[0].tolist() == [0.0, 0.0, 1.0]
+
+
+# Every option at a value other than its default (the two variants cover using_bn on and off).
+NON_DEFAULT_OPTIONS = [
+    dict(eps=1e-3, momentum=None, affine=False, track_running_stats=True, using_bn=True,
+         using_moving_average=False, last_gamma=True, unbiased_instance_var=True),
+    dict(eps=1e-3, momentum=0.3, affine=True, track_running_stats=False, using_bn=False,
+         using_moving_average=False, last_gamma=True, unbiased_instance_var=True),
+]
+
+
+def _layer_options(model):
+    layer = model if isinstance(model, SwitchNormBase) else model[0]
+    return {k: v for k, v in layer.options().items() if k != "process_group"}
+
+
+@pytest.mark.parametrize("options", NON_DEFAULT_OPTIONS)
+def test_every_rebuild_keeps_every_option(options):
+    """sync, revert, freeze and sparsify rebuild SN layers: none may drop an option."""
+    from sn_plugin import FrozenSwitchNorm
+
+    original = nn.Sequential(SwitchNorm2d(5, **options))
+    expected = _layer_options(original)
+    assert expected == {"num_features": 5, **options, **({"track_running_stats": False}
+                                                           if not options["using_bn"] else {})}
+    synced = convert_sync_sn(original)
+    rebuilt = {
+        "convert_sync_sn": synced,
+        "revert_sync_sn": revert_sync_sn(synced),
+        "revert of a layer built synchronized": revert_sync_sn(nn.Sequential(SyncSwitchNorm(5, **options))),
+        "FrozenSwitchNorm.from_switch_norm": FrozenSwitchNorm.from_switch_norm(original[0]),
+        "FrozenSwitchNorm of a synchronized layer": FrozenSwitchNorm.from_switch_norm(synced[0]),
+        "sparsify(freeze=False)": sparsify(original, freeze=False),
+    }
+    with torch.no_grad():  # a choice of IN for the mean keeps the layer SN when frozen
+        original[0].mean_weight[0] = 5.0
+    rebuilt["sparsify(freeze=True)"] = sparsify(original)
+    for how, model in rebuilt.items():
+        assert _layer_options(model) == expected, how

@@ -10,10 +10,12 @@ from .convert import (DEFAULT_BN_START_WEIGHT, ConversionSummary, bn_to_sn, chec
 from .errors import CheckpointError
 from .inflation import I3D_R50_INFLATE, i3d_temporal_kernels, inflate_conv
 from .layouts import LAYOUTS, Layout
+from .released_1d import convert_released_1d_state
 from .resnet import RESNET_DEPTHS, ResNetSpec
 
 __all__ = [
     "DEFAULT_BN_START_WEIGHT", "CheckpointError", "ConversionSummary", "I3D_R50_INFLATE", "LAYOUTS", "Layout",
-    "RESNET_DEPTHS", "ResNetSpec", "bn_to_sn", "check_fits", "convert_checkpoint", "i3d_temporal_kernels",
+    "RESNET_DEPTHS", "ResNetSpec", "bn_to_sn", "check_fits", "convert_checkpoint", "convert_released_1d_state",
+    "i3d_temporal_kernels",
     "inflate_conv", "released_to", "to_released",
 ]

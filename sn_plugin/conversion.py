@@ -336,9 +336,8 @@ def convert_to_sn(
     the function it computed, while the logits' gradients, which scale with
     w(1 - w) ~ 1e-3, still move them (much faster with Adam-style optimizers,
     which normalize gradient scale, than with SGD). The deviations add up over
-    depth: on a randomly initialised torchvision ResNet-18 / ResNet-50 with
-    recomputed BN statistics the eval outputs moved by 0.4% / 7% of their
-    spread at 0.999, 0.04% / 0.8% at 0.9999. Raise it when the start must be
+    depth, so deep networks move further from their original outputs (the
+    README quotes measurements on ResNets). Raise it when the start must be
     closer (e.g. to evaluate before fine-tuning); lower it (1/3 is the paper's
     uniform start) to let training leave the original normalizer sooner.
 

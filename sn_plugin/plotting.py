@@ -3,11 +3,15 @@
 Weights come from a model, or straight from a checkpoint's logits
 (``*.mean_weight`` / ``*.var_weight``), so a checkpoint can be inspected
 without building its model. matplotlib is imported only when a figure is drawn.
+:func:`main` is the command ``tools/plot_sn_weights.py``.
 """
+import argparse
 import csv
+import importlib
 import os
+import sys
 from collections import OrderedDict
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -253,3 +257,63 @@ def write_importance_csv(source: Union[nn.Module, Mapping], path: str,
             writer.writerow([name, stage(name)] + cells)
 
     atomic_write(path, write, binary=False)
+
+
+# ---------------------------------------------------------------------------- the command
+
+def _weights_of_builder(source: str) -> Weights:
+    """The weights of the model that ``'package.module:callable'`` returns.
+
+    The module is looked up from the current directory too, as ``python -m`` would.
+    """
+    module_name, _, attr = source.partition(":")
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"error: cannot load {source!r}: {e}")
+    finally:
+        sys.path.remove(cwd)
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"error: {source} returned a {type(model).__name__}, not a torch.nn.Module")
+    weights = importance_weights(model)
+    if not weights:
+        raise SystemExit(f"error: the model built by {source} has no Switchable Normalization layers")
+    return weights
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``tools/plot_sn_weights.py``: the figure and the CSV of a checkpoint's or a model's weights.
+
+    ``CHECKPOINT_OR_MODEL`` is a checkpoint file (read with
+    :func:`importance_weights_from_checkpoint`, without building the model) or
+    ``'package.module:callable'``, a callable returning a model (e.g. one that
+    builds it and loads trained weights). The CSV goes next to the figure (same
+    name, .csv) unless ``--csv`` says otherwise. Exits with a message on bad input.
+    """
+    parser = argparse.ArgumentParser(
+        description="Plot every SN layer's importance weights (the paper's Fig. 7) and write them as CSV.")
+    parser.add_argument("source", metavar="CHECKPOINT_OR_MODEL",
+                        help="checkpoint file, or 'package.module:callable' returning a model")
+    parser.add_argument("--out", required=True, help="figure path (.png, .pdf, .svg)")
+    parser.add_argument("--csv", help="CSV path (default: the figure's path with .csv)")
+    parser.add_argument("--title", help="figure title (default: the source)")
+    parser.add_argument("--dpi", type=int, default=130)
+    args = parser.parse_args(argv)
+
+    if os.path.isfile(args.source):
+        try:
+            weights = importance_weights_from_checkpoint(args.source)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    elif ":" in args.source:
+        weights = _weights_of_builder(args.source)
+    else:
+        raise SystemExit(f"error: {args.source!r} is neither an existing checkpoint file nor 'module:callable'")
+    csv_path = args.csv or os.path.splitext(args.out)[0] + ".csv"
+    figure = plot_importance_weights(weights, title=args.title or os.path.basename(args.source))
+    save_importance_figure(figure, args.out, dpi=args.dpi)
+    write_importance_csv(weights, csv_path)
+    print(f"{len(weights)} SN layers: figure {args.out}, numbers {csv_path}")

@@ -1,21 +1,11 @@
-"""tools/convert_checkpoint.py: arguments, summary, exit status, progress bar."""
-import importlib.util
+"""tools/convert_checkpoint.py (sn_plugin.checkpoints.cli): arguments, summary, exit status, progress bar."""
 import os
 
 import pytest
 import torch
 
+from sn_plugin.checkpoints import cli
 from test_checkpoints_fixtures import ReleasedResNetV1, released_checkpoint
-
-TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
-
-
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +15,7 @@ def released_file(tmp_path_factory):
     return str(path)
 
 
-def test_cli_converts_and_prints_the_summary(cli, released_file, tmp_path, capsys):
+def test_cli_converts_and_prints_the_summary(released_file, tmp_path, capsys):
     out = str(tmp_path / "sn_r50_d2.pkl")
     assert cli.main(["released", "detectron2", released_file, out, "--progress", "on"]) == 0
     printed = capsys.readouterr()
@@ -37,7 +27,7 @@ def test_cli_converts_and_prints_the_summary(cli, released_file, tmp_path, capsy
     assert os.path.isfile(out)
 
 
-def test_cli_inflation_options(cli, released_file, tmp_path, capsys):
+def test_cli_inflation_options(released_file, tmp_path, capsys):
     out = tmp_path / "i3d.pth"
     argv = ["released", "mmaction2", released_file, str(out), "--conv1-kernel-t", "3", "--inflate-style", "3x3x3",
             "--inflate", "0,0,0;1,1,1,1;0,0,0,0,0,0;1,1,1", "--progress", "off"]
@@ -50,7 +40,7 @@ def test_cli_inflation_options(cli, released_file, tmp_path, capsys):
         cli.main(["released", "mmaction2", released_file, str(out), "--inflate", "1,x"])
 
 
-def test_cli_bad_input_exits_1_with_a_message(cli, released_file, tmp_path, capsys):
+def test_cli_bad_input_exits_1_with_a_message(released_file, tmp_path, capsys):
     assert cli.main(["released", "mmdet", released_file, str(tmp_path / "o.pth"), "--depth", "101"]) == 1
     assert "error: depth mismatch" in capsys.readouterr().err
     assert cli.main(["torchvision", "mmdet", released_file, str(tmp_path / "o.pth")]) == 1

@@ -1,8 +1,7 @@
-"""End to end: tools/train_net_d2.py trains a small SN Mask R-CNN with detectron2's trainer
+"""End to end: the command of tools/train_net_d2.py trains a small SN Mask R-CNN with detectron2's trainer
 on a COCO-format dataset the test writes, re-estimates the batch-average statistics,
 evaluates with COCOEvaluator, writes SN's importance weights to metrics.json, and
 evaluates the saved checkpoint again with --eval-only."""
-import importlib.util
 import json
 import os
 
@@ -13,11 +12,13 @@ pytest.importorskip("detectron2")
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser  # noqa: E402
+from detectron2.engine import DefaultTrainer  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import sn_plugin  # noqa: E402
 from sn_plugin.integrations import detectron2 as sn_d2  # noqa: E402
-from test_detectron2_integration import CONFIG_DIR, MASK_SN, REPO, TINY  # noqa: E402
+from sn_plugin.integrations.detectron2 import train_net  # noqa: E402
+from test_detectron2_integration import CONFIG_DIR, MASK_SN, TINY  # noqa: E402
 
 DATASET = "sn_plugin_tiny_coco"
 
@@ -59,32 +60,20 @@ def tiny_coco(tmp_path):
     MetadataCatalog.remove(DATASET)
 
 
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net_d2", os.path.join(REPO, "tools", "train_net_d2.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_train_net(train_net, *argv):
-    args = default_argument_parser().parse_args(list(argv))
-    return train_net.main(args)  # what launch() runs with one process; launch() returns nothing
-
-
 def test_train_evaluate_and_eval_only(tiny_coco, tmp_path, monkeypatch):
     events, evaluations = [], []
-    update_stats = sn_d2.SNBatchStats.update_stats
+    update_stats = sn_d2.SNBatchStatsHook.update_stats
 
-    def recording_update_stats(self):
+    def recording_update_stats(self, when="now"):
         events.append("batch_stats")
-        update_stats(self)
+        update_stats(self, when)
 
     def recording_test(cls, cfg, model, evaluators=None):
         events.append("evaluate")
         evaluations.append(DefaultTrainer.test.__func__(cls, cfg, model, evaluators))
         return evaluations[-1]
 
-    monkeypatch.setattr(sn_d2.SNBatchStats, "update_stats", recording_update_stats)
+    monkeypatch.setattr(sn_d2.SNBatchStatsHook, "update_stats", recording_update_stats)
     monkeypatch.setattr(sn_d2.SNTrainer, "test", classmethod(recording_test))
 
     output = str(tmp_path / "output")
@@ -100,8 +89,7 @@ def test_train_evaluate_and_eval_only(tiny_coco, tmp_path, monkeypatch):
         "MODEL.SN.IMPORTANCE_LOG_PERIOD", 2,
         "OUTPUT_DIR", output,
     ]
-    train_net = load_train_net()
-    run_train_net(train_net, "--config-file", os.path.join(CONFIG_DIR, MASK_SN), *map(str, opts))
+    train_net.main(["--config-file", os.path.join(CONFIG_DIR, MASK_SN), *map(str, opts)])  # one process
     results = evaluations[-1]
 
     # The statistics are re-estimated after the last iteration, before the evaluation.
@@ -120,10 +108,10 @@ def test_train_evaluate_and_eval_only(tiny_coco, tmp_path, monkeypatch):
 
     # The final checkpoint holds the estimated statistics, so it evaluates as it is.
     events.clear()
-    eval_results = run_train_net(train_net, "--eval-only", "--config-file", os.path.join(CONFIG_DIR, MASK_SN),
-                                 *map(str, opts + ["MODEL.WEIGHTS", os.path.join(output, "model_final.pth")]))
+    train_net.main(["--eval-only", "--config-file", os.path.join(CONFIG_DIR, MASK_SN),
+                    *map(str, opts + ["MODEL.WEIGHTS", os.path.join(output, "model_final.pth")])])
     assert events == ["evaluate"]
-    assert eval_results["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], nan_ok=True)
+    assert evaluations[-1]["bbox"]["AP"] == pytest.approx(results["bbox"]["AP"], nan_ok=True)
 
 
 def test_eval_only_estimates_missing_batch_stats(tiny_coco):
@@ -135,7 +123,8 @@ def test_eval_only_estimates_missing_batch_stats(tiny_coco):
     cfg = load_config(MASK_SN, "DATASETS.TRAIN", f"('{DATASET}',)", "DATALOADER.NUM_WORKERS", 0,
                       "TEST.SN_BATCH_STATS.NUM_ITER", 1)
     model = sn_d2.SNTrainer.build_model(cfg)
-    trainable = [m for m in sn_d2.switch_norm_layers(model).values() if not isinstance(m, sn_d2.FrozenSwitchNorm)]
+    trainable = [m for m in sn_plugin.switch_norm_layers(model).values()
+                 if not isinstance(m, sn_plugin.FrozenSwitchNorm)]
     inputs = [{"image": x["image"], "height": 64, "width": 80} for x in synthetic_batch(1)]
 
     cfg.TEST.SN_BATCH_STATS.ENABLED = False

@@ -4,6 +4,7 @@ The configs are the real ones from configs/detectron2 (ResNet-50 depth, norms
 where the paper puts them), with widths, image and RoI-batch sizes shrunk so a
 training iteration takes a fraction of a second on CPU.
 """
+import inspect
 import os
 
 import pytest
@@ -227,6 +228,8 @@ def test_every_detectron2_module_sees_sn():
 
 
 def test_register_is_idempotent_and_unregister_restores_detectron2():
+    import detectron2.layers
+    import detectron2.layers.batch_norm as batch_norm
     import detectron2.modeling.backbone.resnet as resnet
 
     sn_d2.register()
@@ -235,12 +238,59 @@ def test_register_is_idempotent_and_unregister_restores_detectron2():
     try:
         sn_d2.unregister()
         assert not sn_d2.is_registered()
-        assert resnet.get_norm is sn_d2._ORIGINAL_GET_NORM
+        original = batch_norm.get_norm
+        assert original is not sn_d2.get_norm
+        assert resnet.get_norm is original and detectron2.layers.get_norm is original
+        assert type(FrozenBatchNorm2d.convert_frozen_batchnorm(SwitchNorm2d(4))) is SwitchNorm2d
         with pytest.raises(KeyError, match="SN"):
             resnet.get_norm("SN", 8)
     finally:
         sn_d2.register()
     assert resnet.get_norm is sn_d2.get_norm and sn_d2.is_registered()
+
+
+def test_patching_is_limited_to_detectron2s_modules(monkeypatch):
+    import sys
+    import types
+
+    import detectron2.layers.batch_norm as batch_norm
+
+    sn_d2.unregister()
+    try:
+        user_module = types.ModuleType("user_models")
+        user_module.get_norm = batch_norm.get_norm  # `from detectron2.layers import get_norm` before registering
+        monkeypatch.setitem(sys.modules, "user_models", user_module)
+        sn_d2.register()
+        assert batch_norm.get_norm is sn_d2.get_norm
+        assert user_module.get_norm is not sn_d2.get_norm
+    finally:
+        sn_d2.register()
+
+
+def test_register_warns_on_a_detectron2_version_it_was_not_written_for(monkeypatch):
+    from sn_plugin.integrations import common
+
+    sn_d2.unregister()
+    monkeypatch.setattr(common, "toolkit_version", lambda distribution, module: "0.7")
+    try:
+        with pytest.warns(RuntimeWarning, match=r"written and tested for detectron2 0\.6, but detectron2 0\.7"):
+            sn_d2.register()
+    finally:
+        sn_d2.register()
+    assert sn_d2.is_registered()
+
+
+def test_add_sn_config_only_adds_keys():
+    sn_d2.unregister()
+    try:
+        cfg = get_cfg()
+        cfg.MODEL.SN = type(cfg)({"EPS": 1e-3})  # a config that has some of the keys already
+        sn_d2.add_sn_config(cfg)
+        assert not sn_d2.is_registered()  # registration happens at import, not here
+        assert cfg.MODEL.SN.EPS == 1e-3 and cfg.MODEL.SN.MOMENTUM == 0.1
+        assert cfg.TEST.SN_BATCH_STATS.NUM_ITER == 200 and cfg.TEST.SN_BATCH_STATS.INCLUDE_BN is False
+    finally:
+        sn_d2.register()
 
 
 def test_sn_before_registration_says_how_to_register():
@@ -253,24 +303,50 @@ def test_sn_before_registration_says_how_to_register():
 
 
 def test_unknown_norm_names_keep_detectron2s_error():
+    import detectron2.layers.batch_norm as batch_norm
+
+    sn_d2.unregister()
+    detectron2_get_norm = batch_norm.get_norm
+    sn_d2.register()
     with pytest.raises(KeyError) as ours:
         sn_d2.get_norm("SwitchNorm", 8)
     with pytest.raises(KeyError) as theirs:
-        sn_d2._ORIGINAL_GET_NORM("SwitchNorm", 8)
+        detectron2_get_norm("SwitchNorm", 8)
     assert ours.value.args == theirs.value.args == ("SwitchNorm",)
     cfg = load_config(FASTER_FROZENBN_SNHEAD, "MODEL.ROI_BOX_HEAD.NORM", "SNN")
     with pytest.raises(KeyError, match="SNN"):
         build(cfg)
 
 
-def test_layer_options_from_config_reach_the_layers():
-    cfg = load_config(FASTER_FROZENBN_SNHEAD, "MODEL.SN.USING_BN", False, "MODEL.SN.MOMENTUM", 0.05,
-                      "MODEL.SN.UNBIASED_INSTANCE_VAR", True)
+def _non_default(name, default):
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, float):
+        return default / 2
+    raise AssertionError(f"give the new SN option {name!r} a non-default test value here")
+
+
+def test_every_layer_option_goes_through_model_sn_to_the_layers():
+    """MODEL.SN has a key for every option of the core layers (their own list), each reaches the
+    layers "SN" builds, and the frozen stages' layers keep them."""
+    defaults = {name: param.default for name, param in
+                inspect.signature(sn_plugin.SwitchNormBase.__init__).parameters.items()
+                if name in sn_plugin.SwitchNormBase.option_names() and name != "num_features"}
+    assert set(defaults) == set(sn_d2.LAYER_OPTIONS)
+    wanted = {name: _non_default(name, default) for name, default in defaults.items()}
+    opts = [item for name, value in wanted.items() for item in (f"MODEL.SN.{name.upper()}", value)]
+    cfg = load_config(MASK_SN, *opts)
+    assert sn_d2.layer_options_from_cfg(cfg) == wanted
     model = build(cfg)
-    layers = list(sn_plugin.switch_norm_layers(model).values())
-    assert len(layers) == HEAD_CONVS
-    assert all(not m.using_bn and m.momentum == 0.05 and m.mean_weight.numel() == 2 for m in layers)
-    assert all(m.unbiased_instance_var for m in layers)
+    layers = sn_plugin.switch_norm_layers(model)
+    frozen = [m for m in layers.values() if isinstance(m, sn_plugin.FrozenSwitchNorm)]
+    assert len(frozen) == FROZEN_AT_2 and len(layers) == FROZEN_AT_2 + TRAINABLE_BACKBONE + FPN_NORMS + 2 * HEAD_CONVS
+    for name, layer in layers.items():
+        options = layer.options()
+        assert {k: options[k] for k in wanted} == wanted, name
+    with sn_d2.sn_layer_options(**wanted):
+        sync = sn_d2.get_norm("SyncSN", 8)
+    assert type(sync) is SyncSwitchNorm and {k: sync.options()[k] for k in wanted} == wanted
     with pytest.raises(TypeError, match="unknown SN layer option"):
         with sn_d2.sn_layer_options(groups=2):
             pass
@@ -328,6 +404,21 @@ def test_freeze_at_freezes_sn_parameters_and_statistics():
     assert not any(name in reports and reports[name].updated for name in frozen)
 
 
+def test_the_adapters_frozen_switch_norm_is_the_core_class():
+    assert sn_d2.FrozenSwitchNorm is sn_plugin.FrozenSwitchNorm
+
+
+def test_old_names_still_import_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="use SNBatchStatsHook"):
+        assert sn_d2.SNBatchStats is sn_d2.SNBatchStatsHook
+    with pytest.warns(DeprecationWarning, match="use SNWeightLoggerHook"):
+        assert sn_d2.SNImportanceWriter is sn_d2.SNWeightLoggerHook
+    with pytest.warns(DeprecationWarning, match="convert_frozen_switch_norm"):
+        assert sn_d2.freeze_switch_norm == sn_plugin.FrozenSwitchNorm.convert_frozen_switch_norm
+    with pytest.raises(AttributeError):
+        sn_d2.no_such_name
+
+
 def test_convert_frozen_batchnorm_converts_sn_without_touching_the_original():
     sn = SwitchNorm2d(4, using_moving_average=False)
     with torch.no_grad():
@@ -354,16 +445,23 @@ def _weight_decay_of(optimizer):
     return {p: group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
 
 
-def test_weight_decay_norm_applies_to_sn_parameters():
-    cfg = load_config(FASTER_SN, "SOLVER.WEIGHT_DECAY", 1e-4, "SOLVER.WEIGHT_DECAY_NORM", 0.0)
+def test_weight_decay_norm_applies_to_sn_parameters_through_the_trainers_optimizer():
+    cfg = load_config(FASTER_SN, "SOLVER.WEIGHT_DECAY", 1e-4, "SOLVER.WEIGHT_DECAY_NORM", 0.0,
+                      "SOLVER.CLIP_GRADIENTS.ENABLED", True)
     model = build(cfg)
-    decay = _weight_decay_of(build_optimizer(cfg, model))
+    optimizer = sn_d2.SNTrainer.build_optimizer(cfg, model)
+    decay = _weight_decay_of(optimizer)
     sn_params = [p for m in sn_plugin.switch_norm_layers(model).values() for p in m.parameters() if p.requires_grad]
     assert len(sn_params) == 4 * (TRAINABLE_BACKBONE + FPN_NORMS + HEAD_CONVS)  # gamma, beta, 2 logits
     assert all(decay[p] == 0.0 for p in sn_params)
     assert decay[model.backbone.bottom_up.res3[0].conv1.weight] == 1e-4
     frozen_params = [p for m in model.modules() if isinstance(m, sn_d2.FrozenSwitchNorm) for p in m.parameters()]
     assert frozen_params and not any(p in decay for p in frozen_params)
+    # detectron2's own builder (its SGD settings and gradient clipping) is what the trainer's extends...
+    plain = build_optimizer(cfg, model)
+    assert type(optimizer).__name__ == type(plain).__name__ and optimizer.defaults == plain.defaults
+    # ... and it is not patched: only the trainer's optimizer knows SN.
+    assert _weight_decay_of(plain)[sn_params[0]] == 1e-4
 
 
 def test_sn_parameters_get_what_detectron2_gives_bn_parameters():
@@ -379,7 +477,9 @@ def test_sn_parameters_get_what_detectron2_gives_bn_parameters():
     assert decay[sn.mean_weight] == 0.3 and decay[sn.var_weight] == 0.01
     assert decay[conv.weight] == 1e-4
     # detectron2's own function does not know SN: this is what the wrapper fixes.
-    plain = {p: g["weight_decay"] for g in sn_d2._ORIGINAL_OPTIMIZER_PARAMS(
+    import detectron2.solver
+
+    plain = {p: g["weight_decay"] for g in detectron2.solver.get_default_optimizer_params(
         model, base_lr=0.1, weight_decay=1e-4, weight_decay_norm=0.01) for p in g["params"]}
     assert plain[sn.weight] == 1e-4
 

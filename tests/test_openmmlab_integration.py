@@ -40,9 +40,9 @@ def test_every_toolkit_scope_finds_the_sn_types(registry_module):
     expected = {"SN": sn_plugin.SwitchNorm2d, "SN1d": sn_plugin.SwitchNorm1d, "SN2d": sn_plugin.SwitchNorm2d,
                 "SN3d": sn_plugin.SwitchNorm3d, "SyncSN": sn_plugin.SyncSwitchNorm}
     for name, core_class in expected.items():
-        found = registry.get(name)
-        assert found is mm_sn.NORM_TYPES[name] and issubclass(found, core_class)
-        assert MODELS.get(name) is found
+        assert registry.get(name) is core_class  # the core classes themselves, none made on the fly
+        assert MODELS.get(name) is core_class
+    assert mm_sn.NORM_TYPES == expected
 
 
 def test_build_norm_layer_names_sn_layers_and_passes_arguments():
@@ -200,7 +200,7 @@ def test_runner_sync_bn_conversion_leaves_sn_intact(implementation, single_proce
         for name, m in after.items():
             assert type(m) is type(layers[name])
             assert all(torch.equal(v, states[name][k]) for k, v in m.state_dict().items())
-    assert type(reverted.sync_sn) is mm_sn.SyncSwitchNorm
+    assert type(reverted.sync_sn) is sn_plugin.SyncSwitchNorm
 
 
 def test_sync_sn_on_one_process_is_sn():
@@ -299,6 +299,72 @@ def test_hooks_reject_bad_arguments():
         mm_sn.SNBatchStatsHook(num_batches=0)
     with pytest.raises(ValueError, match="interval"):
         mm_sn.SNWeightLoggerHook(interval=0)
+
+
+# -- the patches of toolkit internals --------------------------------------------------------------
+def test_registering_over_another_class_of_the_same_name_is_refused():
+    class Other(nn.Module):
+        pass
+
+    MODELS.module_dict["SN1d"] = Other
+    try:
+        with pytest.raises(KeyError, match="already holds a different 'SN1d'.*custom_imports"):
+            mm_sn.register_norm_types()
+    finally:
+        MODELS.module_dict["SN1d"] = sn_plugin.SwitchNorm1d
+
+
+@pytest.fixture
+def reinstall_patches():
+    """Leaves the adapter's patches installed again, whatever the test did."""
+    yield
+    mm_sn.uninstall_patches()
+    mm_sn.install_patches()
+
+
+def _has_drn_finder():
+    return any(isinstance(f, mmaction_compat.MissingPackagePlaceholder) for f in sys.meta_path)
+
+
+def test_patches_uninstall_and_reinstall(reinstall_patches):
+    from mmengine.model import BaseModule
+
+    expected = ("mmengine.model.BaseModule.train",)
+    if mmaction_compat.module_missing(mmaction_compat.DRN_PACKAGE):
+        expected += (mmaction_compat.DRN_PACKAGE,)
+    assert mm_sn.installed_patches() == expected
+    assert "train" in vars(BaseModule) and _has_drn_finder() == (len(expected) == 2)
+
+    mm_sn.uninstall_patches()
+    assert mm_sn.installed_patches() == ()
+    assert "train" not in vars(BaseModule) and not _has_drn_finder()  # mmengine's own state again
+    model = _backbone("mmdet.registry", norm_eval=True, **BACKBONES[0][1])
+    model.train()
+    assert all(m.training for m in _sn_layers(model))  # without the patch norm_eval misses SN
+
+    mm_sn.install_patches()
+    mm_sn.install_patches()  # once only
+    assert mm_sn.installed_patches() == expected
+    model.train()
+    assert not any(m.training for m in _sn_layers(model))
+
+
+def test_drn_placeholder_only_where_mmaction2_is_installed(monkeypatch, reinstall_patches):
+    mm_sn.uninstall_patches()
+    monkeypatch.setitem(sys.modules, "mmaction", None)  # as for a user with mmdet only
+    mm_sn.install_patches()
+    assert mm_sn.installed_patches() == ("mmengine.model.BaseModule.train",)
+    assert not _has_drn_finder()
+
+
+def test_a_patch_warns_on_a_toolkit_version_it_was_not_written_for(monkeypatch, reinstall_patches):
+    from sn_plugin.integrations import common
+
+    mm_sn.uninstall_patches()
+    monkeypatch.setattr(common, "toolkit_version", lambda distribution, module: "0.11.0")
+    with pytest.warns(RuntimeWarning, match=r"BaseModule\.train .*written and tested for mmengine 0\.10.*0\.11\.0"):
+        mm_sn.install_patches()
+    assert "mmengine.model.BaseModule.train" in mm_sn.installed_patches()
 
 
 # -- mmaction2 1.2.0 packaging bug ---------------------------------------------------------------

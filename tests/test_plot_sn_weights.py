@@ -1,7 +1,6 @@
-"""tools/plot_sn_weights.py and sn_plugin.plotting: the paper's Fig. 7 (issue 4)."""
+"""tools/plot_sn_weights.py (sn_plugin.plotting.main) and sn_plugin.plotting: the paper's Fig. 7 (issue 4)."""
 import csv
 import hashlib
-import importlib.util
 import os
 import sys
 
@@ -11,18 +10,8 @@ from torch import nn
 
 from sn_plugin import SwitchNorm2d, importance_weights
 from sn_plugin.plotting import (
-    importance_weights_from_state_dict, plot_importance_weights, write_importance_csv,
+    importance_weights_from_state_dict, main, plot_importance_weights, write_importance_csv,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_tool():
-    path = os.path.join(ROOT, "tools", "plot_sn_weights.py")
-    spec = importlib.util.spec_from_file_location("plot_sn_weights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Backbone(nn.Module):
@@ -74,7 +63,7 @@ def test_checkpoint_to_png_and_csv(tmp_path):
                 "meta": {"epoch": 1, "cfg": "..."}}, ckpt)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     out = tmp_path / "figs" / "weights.png"
-    load_tool().main([str(ckpt), "--out", str(out)])
+    main([str(ckpt), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert_csv_matches(read_csv(tmp_path / "figs" / "weights.csv"), model)
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest  # the checkpoint is only read
@@ -87,7 +76,8 @@ def test_model_builder_source(tmp_path, monkeypatch):
         f"import sys\nsys.path.insert(0, {tests_dir!r})\nfrom test_plot_sn_weights import build_model\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    load_tool().main(["my_models:build_model", "--out", "w.svg", "--csv", "numbers.csv"])
+    main(["my_models:build_model", "--out", "w.svg", "--csv", "numbers.csv"])
+    assert str(tmp_path) not in sys.path  # the current directory was on the path only for the import
     assert (tmp_path / "w.svg").read_text().lstrip().startswith("<?xml")
     assert_csv_matches(read_csv(tmp_path / "numbers.csv"), build_model())
 
@@ -123,15 +113,14 @@ def test_csv_from_a_weights_mapping(tmp_path):
 
 
 def test_bad_sources_give_clear_errors(tmp_path, capsys):
-    tool = load_tool()
     bn_ckpt = tmp_path / "bn.pth"
     torch.save(nn.Sequential(nn.BatchNorm2d(3)).state_dict(), bn_ckpt)
     with pytest.raises(SystemExit, match="no SN importance logits found"):
-        tool.main([str(bn_ckpt), "--out", str(tmp_path / "x.png")])
+        main([str(bn_ckpt), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="neither an existing checkpoint file nor 'module:callable'"):
-        tool.main([str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.png")])
+        main([str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.png")])
     with pytest.raises(SystemExit, match="cannot load 'no_such_module:build'"):
-        tool.main(["no_such_module:build", "--out", str(tmp_path / "x.png")])
+        main(["no_such_module:build", "--out", str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match="no Switchable Normalization layers"):
         plot_importance_weights(nn.Conv2d(3, 3, 1))
     broken = {"a.mean_weight": torch.zeros(3)}

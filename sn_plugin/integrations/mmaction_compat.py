@@ -3,17 +3,23 @@
 Both the wheel and the sdist of mmaction2 1.2.0 lack the package
 ``mmaction.models.localizers.drn`` that ``mmaction/models/localizers/__init__.py``
 imports, so ``import mmaction.models`` (and with it every mmaction2 config)
-fails with ``ModuleNotFoundError``. :func:`install_drn_placeholder` appends an
-import finder to ``sys.meta_path`` that supplies a placeholder for exactly that
-package. Python consults it only after its regular finders have failed to find
-the real package, so an mmaction2 release that ships ``drn`` imports its own,
-and nothing is imported or registered until mmaction2 itself imports ``drn``.
-The placeholder's ``DRN`` is registered under the real name and raises on use,
-so only the DRN localizer is unavailable, with an error that says why.
+fails with ``ModuleNotFoundError``. :data:`DRN_PLACEHOLDER` is the OpenMMLab
+adapter's patch for it: an import finder at the end of ``sys.meta_path`` that
+supplies a placeholder for exactly that package. The adapter installs it only
+when mmaction2 is installed and that package is missing from it
+(:func:`module_missing`), so nothing changes for users without mmaction2 or
+with a release that ships ``drn``. Nothing is imported or registered until
+mmaction2 itself imports ``drn``. The placeholder's ``DRN`` is registered under
+the real name and raises on use, so only the DRN localizer is unavailable, with
+an error that says why.
 """
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
+from typing import Callable
+
+from .common import Patch
 
 DRN_PACKAGE = "mmaction.models.localizers.drn"
 
@@ -60,11 +66,46 @@ class MissingPackagePlaceholder(importlib.abc.MetaPathFinder, importlib.abc.Load
                 MODELS.register_module("DRN", module=module.DRN)
 
 
-def install_drn_placeholder() -> None:
-    """Append the placeholder finder to ``sys.meta_path`` (once)."""
-    if not any(isinstance(finder, MissingPackagePlaceholder) and finder.package == DRN_PACKAGE
-               for finder in sys.meta_path):
-        sys.meta_path.append(MissingPackagePlaceholder(DRN_PACKAGE))
+def module_missing(name: str) -> bool:
+    """Whether the installed package that should hold the dotted module ``name`` lacks it.
+
+    True only if every package above ``name`` is found and ``name`` is not;
+    False if the top-level package is not installed. Looks at the files only:
+    nothing is imported (importing the parent is what fails).
+    """
+    top, *parts = name.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.submodule_search_locations is None or not parts:
+        return False
+    found = top
+    for index, part in enumerate(parts):
+        found = f"{found}.{part}"
+        spec = importlib.machinery.PathFinder.find_spec(found, list(spec.submodule_search_locations))
+        last = index == len(parts) - 1
+        if spec is None:
+            return last
+        if not last and spec.submodule_search_locations is None:
+            return False  # a module where a package should be: not the layout this is about
+    return False
+
+
+def _add_drn_placeholder() -> Callable[[], None]:
+    finder = MissingPackagePlaceholder(DRN_PACKAGE)
+    sys.meta_path.append(finder)
+
+    def undo() -> None:
+        # Modules already imported through the placeholder stay in sys.modules.
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+    return undo
+
+
+DRN_PLACEHOLDER = Patch(
+    target=DRN_PACKAGE,
+    reason="a placeholder, because the mmaction2 1.2.0 PyPI files lack this package and "
+           "'import mmaction.models' fails without it",
+    distribution="mmaction2", module="mmaction", written_for="1.2.0", apply=_add_drn_placeholder)
 
 
 def drn_placeholder_in_use() -> bool:

@@ -7,9 +7,10 @@
 # 73.5 top-1 / 91.3 top-5.
 # Here: the toolkit's I3D schedule (100 epochs) and test pipeline; SN
 # statistics are batch averages (SNBatchStatsHook).
-_base_ = 'mmaction::recognition/i3d/i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmaction::recognition/i3d/i3d_imagenet-pretrained-r50_8xb8-32x2x1-100e_kinetics400-rgb.py',
+    '../_base_/sn_runtime.py',
+]
 
 model = dict(
     backbone=dict(
@@ -23,8 +24,3 @@ model = dict(
 # The one line that sets weight decay for SN (gamma, beta, importance logits) and every other norm
 # layer; 1.0 keeps the toolkit's decay on them.
 optim_wrapper = dict(constructor='SNOptimWrapperConstructor', paramwise_cfg=dict(norm_decay_mult=1.))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
-]

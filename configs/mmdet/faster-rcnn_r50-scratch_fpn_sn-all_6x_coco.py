@@ -5,9 +5,10 @@
 # trainable without ImageNet pre-training; 29.5 AP in the paper's setting-1
 # (Faster R-CNN C4 in PyTorch, 4 GPUs x 3 images, 600px), which this FPN
 # config does not replicate exactly.
-_base_ = 'mmdet::scratch/faster-rcnn_r50-scratch_fpn_gn-all_6x_coco.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::scratch/faster-rcnn_r50-scratch_fpn_gn-all_6x_coco.py',
+    '../_base_/sn_runtime.py',
+]
 
 norm_cfg = dict(_delete_=True, type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
@@ -18,8 +19,3 @@ model = dict(
 
 # The one line that sets weight decay for SN (gamma, beta, importance logits) and every other norm layer.
 optim_wrapper = dict(constructor='SNOptimWrapperConstructor', paramwise_cfg=dict(norm_decay_mult=0.))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
-]

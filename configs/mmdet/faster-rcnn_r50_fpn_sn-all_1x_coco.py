@@ -6,9 +6,10 @@
 # backbone finetuned from the (8,2) ImageNet SN-ResNet50: 39.3 box AP on COCO.
 # Here: the toolkit's 1x schedule (12 epochs, steps at 8 and 11), SN with the
 # paper's batch-average statistics (SNBatchStatsHook) instead of moving averages.
-_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+    '../_base_/sn_runtime.py',
+]
 
 norm_cfg = dict(type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
@@ -24,8 +25,3 @@ model = dict(
 
 # The one line that sets weight decay for SN (gamma, beta, importance logits) and every other norm layer.
 optim_wrapper = dict(constructor='SNOptimWrapperConstructor', paramwise_cfg=dict(norm_decay_mult=0.))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
-]

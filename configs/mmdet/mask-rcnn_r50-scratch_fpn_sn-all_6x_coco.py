@@ -4,9 +4,10 @@
 # Paper, Appendix D: SN trains detectors from scratch (Table 7, Faster R-CNN:
 # 29.5 AP from scratch vs. 20.0 for BN and 28.3 for GN in setting-1); the paper
 # reports no from-scratch Mask R-CNN number.
-_base_ = 'mmdet::scratch/mask-rcnn_r50-scratch_fpn_gn-all_6x_coco.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::scratch/mask-rcnn_r50-scratch_fpn_gn-all_6x_coco.py',
+    '../_base_/sn_runtime.py',
+]
 
 norm_cfg = dict(_delete_=True, type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
@@ -17,8 +18,3 @@ model = dict(
 
 # The one line that sets weight decay for SN (gamma, beta, importance logits) and every other norm layer.
 optim_wrapper = dict(constructor='SNOptimWrapperConstructor', paramwise_cfg=dict(norm_decay_mult=0.))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
-]

@@ -5,9 +5,10 @@
 # norm layers' gamma/beta, backbone finetuned from the (8,2) ImageNet
 # SN-ResNet50: 41.0 box AP / 36.5 mask AP on COCO.
 # Here: the toolkit's 2x schedule (24 epochs, steps at 16 and 22).
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_2x_coco.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmdet::mask_rcnn/mask-rcnn_r50_fpn_2x_coco.py',
+    '../_base_/sn_runtime.py',
+]
 
 norm_cfg = dict(type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
@@ -24,8 +25,3 @@ model = dict(
 
 # The one line that sets weight decay for SN (gamma, beta, importance logits) and every other norm layer.
 optim_wrapper = dict(constructor='SNOptimWrapperConstructor', paramwise_cfg=dict(norm_decay_mult=0.))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
-]

@@ -7,9 +7,10 @@
 # This is how SN-ResNet50 backbone checkpoints are produced: every saved
 # checkpoint carries batch-average statistics computed by SNBatchStatsHook
 # just before it is written (and before each validation and at the end).
-_base_ = 'mmpretrain::resnet/resnet50_8xb32_in1k.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmpretrain::resnet/resnet50_8xb32_in1k.py',
+    '../_base_/sn_runtime.py',
+]
 
 model = dict(
     backbone=dict(
@@ -20,8 +21,3 @@ model = dict(
 # The one line that sets weight decay for SN (gamma, beta, importance logits) and every other norm
 # layer: 1.0, i.e. the paper's 1e-4 on all parameters.
 optim_wrapper = dict(constructor='SNOptimWrapperConstructor', paramwise_cfg=dict(norm_decay_mult=1.))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=100),
-]

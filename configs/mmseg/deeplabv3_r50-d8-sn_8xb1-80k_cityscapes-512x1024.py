@@ -11,9 +11,10 @@
 # Backbone: mmseg's ResNetV1c default has a deep 3x3 stem; the paper's
 # ResNet50 (and every SN ImageNet checkpoint) has the 7x7 stem, so we use
 # mmseg's 'ResNet' (ResNetV1b) so that the whole backbone loads pretrained.
-_base_ = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py',
+    '../_base_/sn_runtime.py',
+]
 
 norm_cfg = dict(type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
@@ -46,9 +47,4 @@ tta_pipeline = [
             [dict(type='LoadAnnotations')],
             [dict(type='PackSegInputs')],
         ])
-]
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
 ]

@@ -12,9 +12,10 @@
 # ResNet50 (and every SN ImageNet checkpoint, the released one and the ones the
 # mmpretrain configs here produce) has the 7x7 stem, so we use mmseg's 'ResNet'
 # (ResNetV1b) so that the whole backbone, stem included, loads pretrained.
-_base_ = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-80k_ade20k-512x512.py'
-
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = [
+    'mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-80k_ade20k-512x512.py',
+    '../_base_/sn_runtime.py',
+]
 
 norm_cfg = dict(type='SN', using_moving_average=False, requires_grad=True)
 model = dict(
@@ -39,8 +40,3 @@ iters = 100000
 param_scheduler = [dict(type='PolyLR', eta_min=1e-4, power=0.9, begin=0, end=iters, by_epoch=False)]
 train_cfg = dict(max_iters=iters, val_interval=10000)
 default_hooks = dict(checkpoint=dict(interval=10000))
-
-custom_hooks = [
-    dict(type='SNBatchStatsHook', num_batches=200),
-    dict(type='SNWeightLoggerHook', interval=50),
-]

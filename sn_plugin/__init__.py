@@ -23,3 +23,28 @@ __all__ = [
     "BatchNormXd", "SwitchNormNd", "convert_sync_sn", "convert_to_sn", "register_sn_converter", "revert_sync_sn",
     "SNSource", "sn_source", "sparsify",
 ]
+
+# The normalization family next to SN: Consistent Normalization, XBNBlock, estimation shift.
+from .consistent import (  # noqa: E402
+    ConsistentStep, branch_assignment, consistent_branch, consistent_norm_layers, consistent_train_step,
+    convert_to_cn, export_branch,
+)
+from .consistent_norm import ConsistentNorm, ConsistentNorm1d, ConsistentNorm2d, ConsistentNorm3d  # noqa: E402
+from .estimation_shift import (  # noqa: E402
+    LayerShift, estimated_statistics_layers, estimation_shift, perturbed_running_stats, plot_estimation_shift,
+    plot_estimation_shift_history, write_estimation_shift_csv,
+)
+from .xbn import (  # noqa: E402
+    ResidualBlock, XBNLoadReport, build_bfn, convert_to_xbn, load_bn_state_dict, register_xbn_block,
+    residual_blocks, xbn_plan,
+)
+
+__all__ += [
+    "ConsistentNorm", "ConsistentNorm1d", "ConsistentNorm2d", "ConsistentNorm3d", "ConsistentStep",
+    "branch_assignment", "consistent_branch", "consistent_norm_layers", "consistent_train_step", "convert_to_cn",
+    "export_branch",
+    "LayerShift", "estimated_statistics_layers", "estimation_shift", "perturbed_running_stats",
+    "plot_estimation_shift", "plot_estimation_shift_history", "write_estimation_shift_csv",
+    "ResidualBlock", "XBNLoadReport", "build_bfn", "convert_to_xbn", "load_bn_state_dict", "register_xbn_block",
+    "residual_blocks", "xbn_plan",
+]

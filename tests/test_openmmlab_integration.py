@@ -329,15 +329,22 @@ def _has_drn_finder():
 def test_patches_uninstall_and_reinstall(reinstall_patches):
     from mmengine.model import BaseModule
 
-    expected = ("mmengine.model.BaseModule.train",)
+    from mmengine.config import Config
+
+    from sn_plugin.integrations import config_scope
+
+    expected = ("mmengine.model.BaseModule.train", "mmengine.config.Config._get_cfg_path")
     if mmaction_compat.module_missing(mmaction_compat.DRN_PACKAGE):
         expected += (mmaction_compat.DRN_PACKAGE,)
     assert mm_sn.installed_patches() == expected
-    assert "train" in vars(BaseModule) and _has_drn_finder() == (len(expected) == 2)
+    assert "train" in vars(BaseModule) and config_scope.installed()
+    assert _has_drn_finder() == (mmaction_compat.DRN_PACKAGE in expected)
+    mmengine_get_cfg_path = config_scope._original
 
     mm_sn.uninstall_patches()
     assert mm_sn.installed_patches() == ()
     assert "train" not in vars(BaseModule) and not _has_drn_finder()  # mmengine's own state again
+    assert not config_scope.installed() and vars(Config)["_get_cfg_path"] is mmengine_get_cfg_path
     model = _backbone("mmdet.registry", norm_eval=True, **BACKBONES[0][1])
     model.train()
     assert all(m.training for m in _sn_layers(model))  # without the patch norm_eval misses SN
@@ -353,7 +360,7 @@ def test_drn_placeholder_only_where_mmaction2_is_installed(monkeypatch, reinstal
     mm_sn.uninstall_patches()
     monkeypatch.setitem(sys.modules, "mmaction", None)  # as for a user with mmdet only
     mm_sn.install_patches()
-    assert mm_sn.installed_patches() == ("mmengine.model.BaseModule.train",)
+    assert mmaction_compat.DRN_PACKAGE not in mm_sn.installed_patches()
     assert not _has_drn_finder()
 
 

@@ -1,12 +1,14 @@
 """SN's names in mmengine's registry, and the patches of OpenMMLab internals.
 
 The norm types are registered through mmengine's public registry; nothing is
-patched for them. Two things need a change of a toolkit's internals; both are
+patched for them. Three things need a change of a toolkit's internals; all are
 :class:`~sn_plugin.integrations.common.Patch` objects that :func:`install_patches`
 puts in (importing the adapter calls it) and :func:`uninstall_patches` takes out:
 
 * ``mmengine.model.BaseModule.train`` (mmengine 0.10): ``norm_eval=True`` must
   put SN layers in eval mode too (:func:`_train_with_norm_eval`);
+* ``mmengine.config.Config._get_cfg_path`` (mmengine 0.10): ``_base_`` files
+  named ``sn_plugin::<toolkit>/<config>`` (:mod:`sn_plugin.integrations.config_scope`);
 * ``mmaction.models.localizers.drn`` (mmaction2 1.2.0): a placeholder for the
   package its PyPI files lack, only when it is missing
   (:mod:`sn_plugin.integrations.mmaction_compat`).
@@ -17,6 +19,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 from ...switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase, SyncSwitchNorm
+from .. import config_scope
 from ..common import Patch, PatchSet, replace_attribute
 from ..mmaction_compat import DRN_PACKAGE, DRN_PLACEHOLDER, module_missing
 
@@ -70,13 +73,25 @@ NORM_EVAL = Patch(
     distribution="mmengine", module="mmengine", written_for="0.10",
     apply=lambda: replace_attribute(BaseModule, "train", _train_with_norm_eval))
 
+
+def _add_config_bases():
+    config_scope.install()
+    return config_scope.uninstall
+
+
+CONFIG_BASES = Patch(
+    target="mmengine.config.Config._get_cfg_path",
+    reason="mmengine resolves 'package::path' config bases only for the OpenMMLab packages it lists; the "
+           "wrapper adds 'sn_plugin::'",
+    distribution="mmengine", module="mmengine", written_for="0.10", apply=_add_config_bases)
+
 _installed = PatchSet()
 
 
 def needed_patches() -> List[Patch]:
     """The patches this environment needs: the DRN placeholder only where mmaction2 is
     installed and lacks the package."""
-    return [NORM_EVAL] + ([DRN_PLACEHOLDER] if module_missing(DRN_PACKAGE) else [])
+    return [NORM_EVAL, CONFIG_BASES] + ([DRN_PLACEHOLDER] if module_missing(DRN_PACKAGE) else [])
 
 
 def install_patches() -> None:

@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo check-env constraints clean-venv help
+.PHONY: setup test test-core demo check-env constraints clean-venv help
 
 help:
 	@echo "make setup        create/refresh .venv (scripts/setup_env.sh; fast when up to date)"
 	@echo "make test         setup, then pytest -q tests (extra args: PYTEST_ARGS='-k sn -x')"
+	@echo "make test-core    torch-only set-up (no mmcv build, no toolkits), then the tests that need only torch"
 	@echo "make demo         setup, then tools/demo.py"
 	@echo "make check-env    setup, then scripts/check_env.py (imports, mmcv ops, detectron2 train step)"
 	@echo "make constraints  regenerate requirements/constraints.txt from the working .venv"
@@ -19,6 +20,11 @@ setup:
 
 test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Minutes instead of the full set-up's mmcv build on a fresh machine; on a full .venv, no set-up at all.
+test-core:
+	SN_VENV="$(abspath $(VENV))" SN_PROFILE=core bash scripts/setup_env.sh
+	$(PY) scripts/run_core_tests.py -q tests $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) tools/demo.py

@@ -11,21 +11,34 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tomllib
 from pathlib import Path
 
 import pytest
 
 from sn_plugin.integrations import config_files
 
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
 REPO = Path(__file__).resolve().parents[1]
 FASTER = "mmdet/faster-rcnn_r50_fpn_sn-all_1x_coco.py"
 
 
 # -- where the configs are ----------------------------------------------------------------------------
-def test_a_checkout_uses_its_configs_folder():
-    assert config_files.config_root() == REPO / "configs"
-    assert config_files.config_file(FASTER) == str(REPO / "configs" / FASTER)
+def _files(folder: Path):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts)
+
+
+def test_the_configs_found_are_this_source_trees():
+    """A checkout (editable install) uses its configs folder; an installed wheel, its copy of it."""
+    import sn_plugin
+    package = Path(sn_plugin.__file__).resolve().parent
+    if package == REPO / "sn_plugin":
+        assert config_files.config_root() == REPO / "configs"
+    else:  # these tests run from an unpacked sdist against the installed package
+        assert config_files.config_root() == package / ".mim" / "configs"
+        assert _files(config_files.config_root()) == _files(REPO / "configs")
+    assert Path(config_files.config_file(FASTER)).read_text() == (REPO / "configs" / FASTER).read_text()
     assert FASTER in config_files.list_configs("mmdet")
     assert "detectron2/Base-SN-RCNN-FPN.yaml" in config_files.list_configs()
     assert not any(name.endswith(("metafile.yml", ".md")) for name in config_files.list_configs())
@@ -85,10 +98,7 @@ def test_the_build_puts_the_configs_and_the_index_under_dot_mim(tmp_path):
     _setup_py("build_py", "--build-lib", str(build_lib))
     mim = build_lib / "sn_plugin" / ".mim"
     assert (mim / "model-index.yml").read_text() == (REPO / "model-index.yml").read_text()
-    shipped = sorted(p.relative_to(mim / "configs").as_posix() for p in (mim / "configs").rglob("*") if p.is_file())
-    in_repo = sorted(p.relative_to(REPO / "configs").as_posix() for p in (REPO / "configs").rglob("*")
-                     if p.is_file() and "__pycache__" not in p.parts)
-    assert shipped == in_repo
+    assert _files(mim / "configs") == _files(REPO / "configs")
     assert (mim / "configs" / FASTER).read_text() == (REPO / "configs" / FASTER).read_text()
 
 

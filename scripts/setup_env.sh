@@ -97,9 +97,12 @@ EOF
 }
 
 stamp_value() {  # stamp_value PROFILE EXTRAS
+    local file
     {
-        cat "$CONSTRAINTS" "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/setup_env.sh" \
-            "$ROOT/scripts/install_detectron2.py"
+        for file in "$CONSTRAINTS" "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/setup_env.sh" \
+            "$ROOT/scripts/install_detectron2.py"; do
+            if [ -f "$file" ]; then cat "$file"; fi
+        done
         if [ -d "$ROOT/sn_plugin/kernels/csrc" ]; then
             find "$ROOT/sn_plugin/kernels/csrc" -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
         fi

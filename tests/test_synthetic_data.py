@@ -123,3 +123,21 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 def test_bad_spec_is_refused_with_the_field_named(bad, message):
     with pytest.raises(ValueError, match=message):
         ShapesSpec(**bad)
+
+
+def test_a_dataset_made_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    root = tmp_path / "d"
+    real = synthetic_shapes._render_split
+    raced = []
+
+    def render_while_another_process_finishes_first(staging, split, count, spec):
+        if split == "val" and not raced:
+            raced.append("racing")
+            other = generate_shapes_dataset(str(root), spec)  # the other process, e.g. a parallel training
+            raced.append(os.stat(other["train_annotations"]).st_ino)
+        return real(staging, split, count, spec)
+
+    monkeypatch.setattr(synthetic_shapes, "_render_split", render_while_another_process_finishes_first)
+    paths = generate_shapes_dataset(str(root), TINY)
+    assert raced and os.listdir(tmp_path) == ["d"]  # no staging folder left
+    assert os.stat(paths["train_annotations"]).st_ino == raced[1]  # the other's files, which it may be reading

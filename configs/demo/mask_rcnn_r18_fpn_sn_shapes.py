@@ -3,13 +3,15 @@
 #
 # A miniature of the paper's Appendix D setting (detectors trained from scratch
 # with small per-device batches): a ResNet-18 layout at half width, an FPN and
-# heads whose convs all carry SN layers, 128x128 images. tools/demo.py runs it
-# (and sets data_root, work_dir and the schedule); to run it by hand:
+# heads whose convs all carry SN layers, 128x128 images. tools/demo.py (make
+# demo) and tools/train_coco_detector.py start from it and fill in the dataset
+# and its classes, the backbone's depth and width, the norm layer, the image
+# size and the schedule (sn_plugin/apps/coco_detector.py). To run it by hand:
 #   python -c "from sn_plugin.data import generate_shapes_dataset as g; g('data/sn_shapes')"
 #   python -m mmdet.tools.train configs/demo/mask_rcnn_r18_fpn_sn_shapes.py   # or mmdet's tools/train.py
 # The norm layer is one variable: benchmarks/bench_scratch_detection.py swaps
 # it for BN and GN with the rest unchanged.
-custom_imports = dict(imports=['sn_plugin.integrations.openmmlab'], allow_failed_imports=False)
+_base_ = ['../_base_/sn_runtime.py']  # custom_imports of the SN adapter, the SN hooks
 default_scope = 'mmdet'
 
 # The paper evaluates SN with batch-average statistics (Sec. 2.1):
@@ -134,7 +136,7 @@ param_scheduler = [
          eta_min=2e-4),
 ]
 
-custom_hooks = [
+custom_hooks = [  # the base's hooks, with statistics averaged over 50 batches (100 of the 1000 images)
     dict(type='SNBatchStatsHook', num_batches=50),
     dict(type='SNWeightLoggerHook', interval=50),
 ]

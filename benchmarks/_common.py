@@ -1,63 +1,99 @@
-"""What every benchmark and the demo share: atomic file writes and a record of the run's machine."""
+"""What the benchmarks share.
+
+The file writers, the machine record and the tables come from
+:mod:`sn_plugin.reports` (the training command writes its own reports with
+them). The detection benchmarks train with ``tools/train_coco_detector.py``,
+each training in its own process: :func:`run_trainings`.
+"""
 import json
 import os
-import platform
+import subprocess
 import sys
-from importlib import metadata
-from typing import Dict, Iterable, List, Sequence
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sn_plugin.atomic import atomic_write  # noqa: E402
+from sn_plugin.apps.coco_detector import RECORDED_PACKAGES
+from sn_plugin.reports import (machine_record, markdown_table, save_figure_atomically, write_atomically,
+                               write_json_atomically)
 
+__all__ = ["RECORDED_PACKAGES", "REPO", "RESULTS_DIR", "TRAIN_COMMAND", "Training", "machine_record",
+           "markdown_table", "run_trainings", "save_figure_atomically", "write_atomically", "write_json_atomically"]
 
-def write_atomically(path: str, data, binary: bool = False) -> None:
-    """Write ``data`` to ``path`` so that a reader never sees a half-written file."""
-    atomic_write(path, lambda f: f.write(data), binary=binary)
-
-
-def save_figure_atomically(figure, path: str, **savefig_kwargs) -> None:
-    """``figure.savefig`` through a temporary file and a rename (see :func:`write_atomically`)."""
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=os.path.splitext(path)[1].lstrip(".") or "png", **savefig_kwargs)
-    write_atomically(path, buffer.getvalue(), binary=True)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+TRAIN_COMMAND = os.path.join(REPO, "tools", "train_coco_detector.py")
 
 
-def write_json_atomically(path: str, payload) -> None:
-    write_atomically(path, json.dumps(payload, indent=2) + "\n")
+@dataclass(frozen=True)
+class Training:
+    """One run of the training command: its key in the results, its arguments and its output folder."""
+
+    key: Hashable
+    arguments: Sequence[str]
+    out: str
 
 
-def machine_record(packages: Iterable[str] = ("torch", "numpy")) -> Dict[str, object]:
-    """Machine and package versions, for a results file to say where its numbers come from."""
-    versions = {"python": platform.python_version()}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            module = sys.modules.get(name)
-            versions[name] = getattr(module, "__version__", "not installed") if module else "not installed"
-    return {
-        "platform": platform.platform(),
-        "processor": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "versions": versions,
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
+def run_trainings(trainings: Sequence[Training], workers: int = 1, reuse: bool = False) -> Dict[Hashable, dict]:
+    """Run each training in its own process, ``workers`` at a time; return each one's ``ap_table.json``.
 
+    A training's log goes to ``<out>.log``; one line per finished training is
+    printed. Stopping the benchmark (Ctrl-C, ``kill``) stops the running
+    trainings, which remove their unfinished output. With ``reuse``, a training whose output folder is complete and
+    was made with the same arguments is not run again (to continue a long
+    benchmark after an interruption). A failed training stops the benchmark
+    with the end of its log.
+    """
+    started = time.time()
+    done: List[int] = []
+    processes: List[subprocess.Popen] = []
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    lines: List[str] = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    def train(training: Training) -> dict:
+        command = [sys.executable, TRAIN_COMMAND, *training.arguments, "--out", training.out]
+        summary_path = os.path.join(training.out, "ap_table.json")
+        if reuse and os.path.exists(os.path.join(training.out, "COMPLETE")) and _made_by(training.out, command):
+            print(f"reusing {training.out}", flush=True)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(training.out)), exist_ok=True)
+            with open(training.out + ".log", "w") as log:
+                log.write(" ".join(command) + "\n")
+                log.flush()
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+                processes.append(process)
+                returncode = process.wait()
+            if returncode != 0:
+                with open(training.out + ".log") as log:
+                    tail = log.read()[-3000:]
+                raise RuntimeError(f"training {training.key} failed (exit {returncode}); the end of "
+                                   f"{training.out}.log:\n{tail}")
+            with open(os.path.join(training.out, "command.txt"), "w") as f:
+                f.write(json.dumps(command[1:]) + "\n")
+        with open(summary_path) as f:
+            summary = json.load(f)
+        done.append(1)
+        print(f"[{len(done)}/{len(trainings)}, {(time.time() - started) / 60:.1f} min] {training.key}: box AP "
+              f"{summary['bbox']['AP']}" + (f", mask AP {summary['segm']['AP']}" if "segm" in summary else "")
+              + f" ({summary['train_minutes']:.1f} min of training)", flush=True)
+        return summary
 
-
-def _cpu_model() -> str:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        summaries = list(pool.map(train, trainings))
+    except BaseException:  # e.g. Ctrl-C or `kill`: stop the trainings, which then remove their partial output
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return {training.key: summary for training, summary in zip(trainings, summaries)}
+
+
+def _made_by(out: str, command: List[str]) -> bool:
+    try:
+        with open(os.path.join(out, "command.txt")) as f:
+            return json.loads(f.read()) == command[1:]
+    except (OSError, ValueError):
+        return False

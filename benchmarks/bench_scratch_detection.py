@@ -1,75 +1,103 @@
-"""Appendix D / Table 7 (lower part) of the SN paper in miniature: detection from scratch with BN, GN and SN.
+"""Appendix D / Table 7 (lower part) of the SN paper in miniature: detection from scratch with BN, GN and SN,
+over several seeds and schedules.
 
 The paper trains Faster R-CNN (ResNet-50) on COCO from scratch and finds BN
 far behind (20.0 AP), GN good (28.3) and SN best (29.5). Here the demo's Mask
-R-CNN (tools/demo.py: a half-width ResNet-18 with FPN, 2 images per batch,
-128px images) trains from scratch on the built-in shapes dataset three times,
-once per norm in every layer of backbone, FPN and heads, with the same
-schedule and seed; the table reports COCO box and mask AP on its val split.
-BN and GN use the usual settings (BN: moving averages; GN: 16 groups, as the
-narrowest layer has 32 channels); SN evaluates with batch-average statistics.
+R-CNN (a half-width ResNet-18 with FPN, 2 images per batch, 128px images)
+trains from scratch on the built-in shapes dataset with BN, GN or SN in every
+layer of backbone, FPN and heads, for each seed and each schedule (a schedule
+is a complete training of that many iterations, warm-up and cosine decay
+included, so each point is a finished training, not a snapshot of a longer
+one). The table gives COCO box and mask AP on the val split, mean ± standard
+deviation over the seeds; the figure AP against the schedule, to show where it
+stops rising. BN and GN use the usual settings (BN: moving averages; GN: 16
+groups); SN evaluates with batch-average statistics.
 
-    python benchmarks/bench_scratch_detection.py                   # 3 x 800 iterations (about 15-20 min)
-    python benchmarks/bench_scratch_detection.py --max-iters 1500  # another equal schedule
-    python benchmarks/bench_scratch_detection.py --quick           # a smoke test
+    python benchmarks/bench_scratch_detection.py                      # 3 norms x 3 seeds x 800/1600/3200 its
+    python benchmarks/bench_scratch_detection.py --workers 2          # two trainings at a time (2 idle cores)
+    python benchmarks/bench_scratch_detection.py --schedules 1200 --seeds 0 1 2 3 4
+    python benchmarks/bench_scratch_detection.py --quick              # a smoke test (tiny dataset, 2 iterations)
 
-Writes ``scratch_detection.{md,json,png}`` under ``benchmarks/results/`` (or ``--out``);
-each training's own output folder (model, logs, figures) is kept under ``--runs``.
+Writes ``scratch_detection.{md,json,png}`` under ``benchmarks/results/`` (or
+``--out``); each training's own output folder (model, logs, figures) and log
+are kept under ``--runs``; ``--reuse`` keeps the finished ones after an
+interruption.
 """
 import argparse
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Sequence, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from benchmarks._common import (machine_record, markdown_table, save_figure_atomically,  # noqa: E402
-                                write_atomically, write_json_atomically)
+from _common import (REPO, RESULTS_DIR, RECORDED_PACKAGES, Training, machine_record, markdown_table,
+                     run_trainings, save_figure_atomically, write_atomically, write_json_atomically)
+from sn_plugin.apps.coco_detector import builtin_dataset
+from sn_plugin.reports import format_mean_spread, mean_and_spread
 
 NORMS = ("BN", "GN", "SN")
-RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
-DEMO = os.path.join(REPO, "tools", "demo.py")
-# Paper Table 7, lower part: Faster R-CNN, ResNet-50, COCO from scratch, box AP.
+# Paper Table 7, lower part: Faster R-CNN, ResNet-50, COCO from scratch, box AP, AP50, AP75.
 PAPER_TABLE7 = {"BN": (20.0, 33.5, 21.1), "GN": (28.3, 46.3, 30.1), "SN": (29.5, 47.8, 31.6)}
-KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-SCHEDULE = 800  # iterations per norm: about 5 minutes each on 2 idle cores
+SCHEDULES = (800, 1600, 3200)
+SEEDS = (0, 1, 2)
+QUICK_SCHEDULES, QUICK_SEEDS = (2,), (0,)
+COLOURS = {"BN": "tab:blue", "GN": "tab:orange", "SN": "tab:green"}
+KINDS = (("bbox", "box"), ("segm", "mask"))
+
+Key = Tuple[str, int, int]  # norm, schedule, seed
 
 
-def train(norm: str, out: str, max_iters: int, quick: bool, seed: int) -> Dict[str, object]:
-    """One training by tools/demo.py in its own process; returns its ap_table.json."""
-    command = [sys.executable, DEMO, "--norm", norm, "--out", out, "--seed", str(seed), "--num-images", "3",
-               "--max-iters", str(max_iters)]
-    if quick:
-        command.append("--quick")
-    print(f"\n=== {norm}: {' '.join(command)}", flush=True)
-    subprocess.run(command, check=True)
-    with open(os.path.join(out, "ap_table.json")) as f:
-        return json.load(f)
+def plan(norms: Sequence[str], schedules: Sequence[int], seeds: Sequence[int], runs: str, data: str,
+         quick: bool) -> List[Training]:
+    """Every (norm, schedule, seed) training of the demo's detector on the shapes dataset, longest first."""
+    trainings = []
+    for schedule in sorted(schedules, reverse=True):
+        for seed in seeds:
+            for norm in norms:
+                arguments = ["--dataset", "shapes", "--data", data, "--norm", norm, "--seed", str(seed),
+                             "--max-iters", str(schedule), "--num-images", "3"] + (["--quick"] if quick else [])
+                trainings.append(Training((norm, schedule, seed), arguments,
+                                          os.path.join(runs, f"{norm}_{schedule}it_seed{seed}")))
+    return trainings
 
 
-def render_markdown(results: Dict[str, Dict], record, wall_seconds: float) -> str:
-    first = results[NORMS[0]]
+def summarise(results: Dict[Key, dict], norms: Sequence[str], schedules: Sequence[int]) -> Dict[str, dict]:
+    """Per norm and schedule: mean and spread over the seeds of box and mask AP (and AP50)."""
+    table: Dict[str, dict] = {}
+    for norm in norms:
+        table[norm] = {}
+        for schedule in schedules:
+            runs = [summary for (n, s, _), summary in results.items() if n == norm and s == schedule]
+            table[norm][schedule] = {f"{kind}_{metric}": mean_and_spread([run[kind][metric] for run in runs])
+                                     for kind, _ in KINDS for metric in ("AP", "AP50")}
+    return table
+
+
+def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], schedules: Sequence[int],
+                    seeds: Sequence[int], record: dict, wall_seconds: float) -> str:
+    first = next(iter(results.values()))
+    dataset = first["dataset"]
     rows = []
-    for kind, label in (("bbox", "box"), ("segm", "mask")):
-        for norm in NORMS:
-            rows.append([f"{label}", norm] + [_fmt(results[norm][kind][key]) for key in KEYS])
+    for kind, label in KINDS:
+        for norm in table:
+            rows.append([label, norm] + [format_mean_spread(table[norm][s][f"{kind}_AP"]) for s in schedules])
+    per_seed = []
+    for (norm, schedule, seed), summary in sorted(results.items(), key=lambda item: (item[0][1], item[0][0],
+                                                                                     item[0][2])):
+        per_seed.append([norm, schedule, seed, _fmt(summary["bbox"]["AP"]), _fmt(summary["bbox"]["AP50"]),
+                         _fmt(summary["segm"]["AP"]), f"{summary['train_minutes']:.1f}"])
     paper = markdown_table(["norm (backbone and head)", "AP", "AP50", "AP75"],
                            [[norm] + [f"{v:.1f}" for v in PAPER_TABLE7[norm]] for norm in NORMS])
     return (
         "# Detection from scratch at 2 images per batch: paper Table 7 (lower part) in miniature\n\n"
-        f"Mask R-CNN (half-width ResNet-18 + FPN, the norm in every layer of backbone, FPN and heads), "
-        f"from scratch on the built-in shapes dataset ({first['dataset']['num_train']} train / "
-        f"{first['dataset']['num_val']} val images of {first['dataset']['image_size']}px), "
-        f"{first['images_per_batch']} images per batch, {first['iterations']} iterations each, seed {first['seed']}. "
-        "COCO AP (%) on the val split, from mmdet's CocoMetric.\n\n"
-        + markdown_table(["", "norm", *KEYS], rows)
-        + "\nTraining time per run (min): "
-        + ", ".join(f"{norm} {results[norm]['train_minutes']:.1f}" for norm in NORMS) + ".\n"
+        f"Mask R-CNN (ResNet-{first['backbone']['depth']} at base width {first['backbone']['width']} + FPN, the "
+        f"norm in every layer of backbone, FPN and heads), from scratch on the built-in shapes dataset "
+        f"({dataset['num_train']} train / {dataset['num_val']} val images of {dataset['image_size']}px), "
+        f"{first['images_per_batch']} images per batch. Each schedule is a complete training (linear warm-up, "
+        f"cosine decay). COCO AP (%) on the val split from mmdet's CocoMetric, mean ± standard deviation over "
+        f"seeds {', '.join(map(str, seeds))}.\n\n"
+        + markdown_table(["", "norm", *[f"{s} iterations" for s in schedules]], rows)
+        + "\nEvery training:\n\n"
+        + markdown_table(["norm", "iterations", "seed", "box AP", "box AP50", "mask AP", "train min"], per_seed)
         + "\nPaper, Table 7 lower part (Faster R-CNN, ResNet-50, COCO, from scratch, box AP):\n\n" + paper
         + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
         f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
@@ -81,86 +109,80 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def plot(results: Dict[str, Dict], run_dirs: Dict[str, str], path: str) -> None:
+def plot(table: Dict[str, dict], schedules: Sequence[int], path: str) -> None:
+    """Box and mask AP against the schedule, mean with the seeds' standard deviation, one line per norm."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.2))
-    colours = {"BN": "tab:blue", "GN": "tab:orange", "SN": "tab:green"}
-    positions = np.arange(2)
-    for i, norm in enumerate(NORMS):
-        values = [results[norm][kind]["AP"] or 0.0 for kind in ("bbox", "segm")]
-        drawn = bars.bar(positions + (i - 1) * 0.27, values, width=0.27, color=colours[norm], label=norm)
-        bars.bar_label(drawn, fmt="%.1f", fontsize=8)
-    bars.set_xticks(positions, ["box AP", "mask AP"])
-    bars.set_ylabel("COCO AP (%) on val")
-    bars.set_title("From scratch, 2 images/batch")
-    bars.legend()
-    for norm in NORMS:
-        steps, losses = _loss_curve(run_dirs[norm])
-        curves.plot(steps, losses, color=colours[norm], label=norm)
-    curves.set_xlabel("iteration")
-    curves.set_ylabel("training loss (window average)")
-    curves.set_title("Training loss")
-    curves.legend()
-    curves.grid(alpha=0.3)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, (kind, label) in zip(axes, KINDS):
+        for norm, cells in table.items():
+            means = [cells[s][f"{kind}_AP"]["mean"] for s in schedules]
+            spreads = [cells[s][f"{kind}_AP"]["std"] or 0.0 for s in schedules]
+            axis.errorbar(schedules, means, yerr=spreads, marker="o", capsize=3, color=COLOURS.get(norm),
+                          label=norm)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(list(schedules), [str(s) for s in schedules])
+        axis.set_xlabel("training iterations (complete schedule)")
+        axis.set_ylabel(f"{label} AP (%) on val")
+        axis.set_title(f"{label} AP from scratch, 2 images/batch")
+        axis.grid(alpha=0.3)
+        axis.legend()
     figure.tight_layout()
     save_figure_atomically(figure, path, dpi=110)
     plt.close(figure)
-
-
-def _loss_curve(run_dir: str):
-    steps: List[int] = []
-    losses: List[float] = []
-    for root, _, files in os.walk(os.path.join(run_dir, "logs")):
-        if "scalars.json" in files:
-            with open(os.path.join(root, "scalars.json")) as f:
-                for line in f:
-                    row = json.loads(line)
-                    if "loss" in row:
-                        steps.append(row["step"])
-                        losses.append(row["loss"])
-    return steps, losses
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
-def main(argv=None) -> Dict[str, Dict]:
+def main(argv=None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: the demo's --quick mode per norm")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: the command's --quick dataset, schedules {QUICK_SCHEDULES}, seeds "
+                             f"{QUICK_SEEDS}")
+    parser.add_argument("--schedules", type=int, nargs="+", help=f"iterations per training (default {SCHEDULES})")
+    parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {SEEDS})")
+    parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
+    parser.add_argument("--workers", type=int, default=1, help="trainings run at a time (default: %(default)s)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished trainings found under --runs")
     parser.add_argument("--out", default=RESULTS_DIR, help="folder for scratch_detection.{md,json,png}")
-    parser.add_argument("--max-iters", type=int,
-                        help=f"iterations per training, the same for all three (default {SCHEDULE}; --quick: 12)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", "scratch_detection_runs"),
-                        help="folder for the three trainings' own outputs")
+                        help="folder for the trainings' own outputs and logs")
+    parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"), help="dataset folder")
     args = parser.parse_args(argv)
+    schedules = sorted(args.schedules or (QUICK_SCHEDULES if args.quick else SCHEDULES))
+    seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
+    if min(schedules) < 1:
+        parser.error("--schedules must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     if not os.access(args.out, os.W_OK):
         parser.error(f"cannot write to {args.out}; pass a writable --out")
 
     started = time.time()
-    run_dirs = {norm: os.path.join(args.runs, norm) for norm in NORMS}
-    max_iters = args.max_iters or (12 if args.quick else SCHEDULE)
-    results = {norm: train(norm, run_dirs[norm], max_iters, args.quick, args.seed) for norm in NORMS}
+    builtin_dataset("shapes", args.data, args.quick)  # made once, before the trainings that share it
+    results = run_trainings(plan(args.norms, schedules, seeds, args.runs, args.data, args.quick), args.workers,
+                            args.reuse)
     wall = time.time() - started
-    record = machine_record(("torch", "mmengine", "mmcv", "mmdet", "pycocotools", "numpy"))
+    table = summarise(results, args.norms, schedules)
+    record = machine_record(RECORDED_PACKAGES)
     stem = os.path.join(args.out, "scratch_detection")
-    write_json_atomically(stem + ".json", {"machine": record, "wall_seconds": wall, "quick": args.quick,
-                                           "seed": args.seed, "results": results})
-    markdown = render_markdown(results, record, wall)
+    write_json_atomically(stem + ".json", {
+        "machine": record, "wall_seconds": wall, "quick": args.quick, "schedules": schedules, "seeds": seeds,
+        "summary": {norm: {str(s): cell for s, cell in cells.items()} for norm, cells in table.items()},
+        "runs": [{"norm": n, "iterations": s, "seed": seed, "bbox": r["bbox"], "segm": r["segm"],
+                  "train_minutes": r["train_minutes"]} for (n, s, seed), r in results.items()]})
+    markdown = render_markdown(table, results, schedules, seeds, record, wall)
     write_atomically(stem + ".md", markdown)
-    plot(results, run_dirs, stem + ".png")
+    plot(table, schedules, stem + ".png")
     print(markdown)
     print(f"wrote {stem}.md, {stem}.json and {stem}.png")
-    return results
+    return table
 
 
 if __name__ == "__main__":
-    # `kill` unwinds like Ctrl-C: subprocess.run then stops the running training, which removes its partial output
+    # `kill` unwinds like Ctrl-C: the running trainings get the signal too and remove their partial output
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     main()

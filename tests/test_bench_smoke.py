@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,16 +71,72 @@ def test_batch_size_quick_mode_writes_table_json_and_plot(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
 
 
+def _bench(name, *arguments, timeout=900):
+    """Run a benchmark script as its users do; its output is checked by the caller."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", f"{name}.py"), *arguments],
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 def test_scratch_detection_quick_mode_trains_all_three_norms(tmp_path):
     pytest.importorskip("mmdet")
-    bench = _load("bench_scratch_detection")
-    results = bench.main(["--quick", "--max-iters", "2", "--out", str(tmp_path / "results"),
-                          "--runs", str(tmp_path / "runs")])
-    assert set(results) == {"BN", "GN", "SN"}
-    for norm, result in results.items():
-        assert result["norm"] == norm and result["iterations"] == 2
-        assert result["bbox"]["AP"] is not None and result["segm"]["AP"] is not None
+    _bench("bench_scratch_detection", "--quick", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+           "--data", str(tmp_path / "data"))
     for name in ("scratch_detection.md", "scratch_detection.json", "scratch_detection.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
+    with open(tmp_path / "results" / "scratch_detection.json") as f:
+        record = json.load(f)
+    assert record["quick"] and record["schedules"] == [2] and record["seeds"] == [0]
+    assert sorted(run["norm"] for run in record["runs"]) == ["BN", "GN", "SN"]
+    for run in record["runs"]:
+        assert run["iterations"] == 2 and run["bbox"]["AP"] is not None and run["segm"]["AP"] is not None
+    assert record["summary"]["SN"]["2"]["bbox_AP"]["n"] == 1
     markdown = (tmp_path / "results" / "scratch_detection.md").read_text()
     assert "| box | SN |" in markdown and "| mask | GN |" in markdown and "29.5" in markdown
+    assert sorted(os.listdir(tmp_path / "runs")) == sorted(
+        f"{norm}_2it_seed0{suffix}" for norm in ("BN", "GN", "SN") for suffix in ("", ".log"))
+
+
+def test_nuclei_detection_quick_mode_on_fake_nuclei(tmp_path, monkeypatch):
+    pytest.importorskip("mmdet")
+    from fake_datasets import fake_nuclei, make_fake_stardist_wheel
+    from sn_plugin.data import nuclei, prepare_nuclei_dataset
+
+    image, labels = fake_nuclei(size=256, count=40)
+    wheel, checksums = make_fake_stardist_wheel(str(tmp_path / "wheels"), image, labels)
+    for member, digest in checksums.items():
+        monkeypatch.setitem(nuclei.STARDIST_SHA256, member, digest)
+    prepare_nuclei_dataset(str(tmp_path / "data" / "sn_nuclei"), wheel=wheel)  # the benchmark finds it made
+    _bench("bench_nuclei_detection", "--quick", "--norms", "SN", "--seeds", "0", "1", "--out",
+           str(tmp_path / "results"), "--runs", str(tmp_path / "runs"), "--data", str(tmp_path / "data"))
+    with open(tmp_path / "results" / "nuclei_detection.json") as f:
+        record = json.load(f)
+    assert record["seeds"] == [0, 1] and record["iterations"] == 2 and len(record["runs"]) == 2
+    summary = record["summary"]["SN"]
+    assert summary["bbox_AP"]["n"] == 2 and summary["bbox_AP"]["std"] is not None
+    assert record["dataset"]["classes"] == ["nucleus"] and record["dataset"]["num_val_images"] == 2
+    markdown = (tmp_path / "results" / "nuclei_detection.md").read_text()
+    assert "| SN | " in markdown and " ± " in markdown and "nuclei_detection.png" in markdown
+    from PIL import Image
+
+    with Image.open(tmp_path / "results" / "nuclei_detection.png") as picture:
+        assert picture.width > 1.8 * picture.height  # ground truth beside the SN predictions
+
+
+def test_importance_dynamics_quick_mode_records_gradients_and_movement(tmp_path):
+    pytest.importorskip("mmdet")
+    _bench("bench_importance_dynamics", "--quick", "--out", str(tmp_path / "results"), "--runs",
+           str(tmp_path / "runs"), "--data", str(tmp_path / "data"))
+    with open(tmp_path / "results" / "importance_dynamics.json") as f:
+        results = {result["variant"]: result for result in json.load(f)["results"]}
+    assert set(results) == {"default", "logit_lr_x10"}
+    default, faster = results["default"], results["logit_lr_x10"]
+    assert [w["iteration"] for w in default["windows"]] == [4, 8]
+    assert len(default["per_iteration"]) == 8 and len(default["windows"][0]["layers"]) == 32  # every SN layer
+    assert default["treatment"][0]["weight_decay"] == 0.0 and default["treatment"][0]["clip_max_norm"] == 10.0
+    assert faster["description"]["peak_lr"] == pytest.approx(10 * default["description"]["peak_lr"])
+    for layer in default["windows"][-1]["layers"].values():
+        assert layer["grad_norm"] >= layer["grad_norm_after_clip"] >= 0.0 and layer["displacement"] >= 0.0
+    assert (tmp_path / "results" / "importance_dynamics.png").stat().st_size > 0
+    assert "| default | 8 |" in (tmp_path / "results" / "importance_dynamics.md").read_text()

@@ -29,6 +29,10 @@ divided by C-1 and N-1, as their 1d layer's ``var()``), the other variances
 derived from it, and the running variance updated with the BN variance as it
 is used, with no further correction.
 
+:func:`switch_norm` runs on the fused kernels of :mod:`sn_plugin.kernels` (C++ on CPU,
+Triton on CUDA) where they are available; the implementation in this module is the
+reference path and the fallback (``SN_PLUGIN_BACKEND=reference`` forces it).
+
 The derived LN/BN variances are computed as ``mean(var_in + (mu_in - mu)^2)``
 rather than ``mean(var_in + mu_in^2) - mu^2``: the same value, without the
 cancellation that the second form suffers for large means in float32.
@@ -39,6 +43,8 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import kernels
 
 IN, LN, BN = 0, 1, 2
 BRANCH_NAMES = ("IN", "LN", "BN")
@@ -425,6 +431,9 @@ def switch_norm(
             f"switch_norm: mean_logits and var_logits must both have 3 entries [IN, LN, BN] "
             f"or 2 [IN, LN]; got {mean_logits.numel()} and {var_logits.numel()}"
         )
+    if kernels.backend_for(input) != "reference":
+        return kernels.switch_norm(input, running_mean, running_var, mean_logits, var_logits, weight, bias,
+                                   training, momentum, eps, process_group, unbiased_instance_var)
     batch_stats = training or running_mean is None
     if input.numel() == 0 and process_group is None:
         return _empty_output(input, mean_logits, var_logits, weight, bias)
@@ -439,7 +448,7 @@ def switch_norm(
             out = _SwitchNormFunction.apply(x3, *args)
         else:
             out, _ = _forward(x3, *args)
-    return out.view(input.shape) if input.is_contiguous() else _like(out.view(input.shape), input)
+    return kernels.restore_layout(out.view(input.shape), input)
 
 
 @torch.no_grad()
@@ -467,17 +476,6 @@ def batch_statistics(input: Tensor, unbiased_instance_var: bool = False) -> Tupl
     if input.dim() == 2:
         var_bn = var_bn * _sample_correction(float(n))
     return mean_bn, var_bn
-
-
-def _like(out: Tensor, input: Tensor) -> Tensor:
-    """Return ``out`` in the memory format of ``input`` (e.g. channels_last)."""
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        try:
-            if input.is_contiguous(memory_format=fmt):
-                return out.contiguous(memory_format=fmt)
-        except RuntimeError:  # format does not apply to this rank
-            continue
-    return out
 
 
 def _empty_output(input, mean_logits, var_logits, weight, bias) -> Tensor:

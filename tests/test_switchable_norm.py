@@ -5,6 +5,10 @@ from torch import nn
 
 from sn_plugin import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, switch_norm
 
+from kernel_helpers import sn_backend  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("sn_backend")  # every test on the fused and the reference path
+
 SN_BY_RANK = {3: SwitchNorm1d, 4: SwitchNorm2d, 5: SwitchNorm3d}
 IN_BY_RANK = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
 BN_BY_RANK = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}

@@ -6,6 +6,7 @@ with a single process working on the concatenated batch. The same spawn checks
 recompute_batch_stats under torch.distributed and the conversions with a real
 process group.
 """
+import contextlib
 import copy
 import os
 import socket
@@ -18,8 +19,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sn_plugin import (
-    SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm, convert_sync_sn, convert_to_sn, recompute_batch_stats, sparsify,
+    SwitchNorm2d, SwitchNorm3d, SyncSwitchNorm, convert_sync_sn, convert_to_sn, kernels, recompute_batch_stats,
+    sparsify,
 )
+
+from kernel_helpers import no_host_sync, sn_backend  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("sn_backend")  # every test on the fused and the reference path
 
 WORLD = 2
 C = 4
@@ -75,15 +81,18 @@ def layer_statistics(model):
             for name, m in model.named_modules() if getattr(m, "running_mean", None) is not None}
 
 
-def worker(rank, port, out_dir):
+def worker(rank, port, out_dir, backend):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    kernels.set_backend(backend)
     results = {}
     for dim, split, using_bn in SN_CASES:
         layer, x, w = make_case(dim, split, using_bn)
         start = sum(SPLITS[split][:rank])
         local = slice(start, start + SPLITS[split][rank])
-        results[(dim, split, using_bn)] = run_case(layer, x[local], w[local])
+        # the fused path gathers the statistics and reduces the gradients on the device
+        with no_host_sync() if backend == "cpp" else contextlib.nullcontext():
+            results[(dim, split, using_bn)] = run_case(layer, x[local], w[local])
 
     # convert_sync_sn makes a local SN layer synchronized.
     layer, x, w = make_case("2d", "unequal", True)
@@ -123,9 +132,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, sn_backend):
     out_dir = str(tmp_path_factory.mktemp("sync_sn"))
-    mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), out_dir, sn_backend), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 

@@ -1,0 +1,910 @@
+// The CPU implementation of the SN ops, compiled once per CPU capability (kernels_*.cpp set
+// CPU_CAPABILITY and the instruction set before including this file, the way ATen builds its
+// own CPU kernels; see aten/src/ATen/native/cpu/group_norm_kernel.cpp for the patterns).
+//
+// Full-size passes (one row = the S values of one (n, c), contiguous):
+//   forward:  moments (sums of x - p and (x - p)^2 with p the mean of the row's first values,
+//             in float lanes folded into double every kBlock values: the offset cancels
+//             before any rounding, so inputs with a large offset keep accurate variances),
+//             then y = (x - c) * scale + shift with c the row's mean rounded to the input's
+//             precision, so that the offset cancels exactly before the scaling.
+//   backward: sum(dy), sum(dy * (x - c)), sum((x - c)^2) per row (the last recomputes the
+//             IN variance, so the forward saves only x and the per-row means), then
+//             dx = k * dy + a * (x - c) + b.
+// Everything O(N*C) (IN -> LN/BN derivation, softmax, mixing, the analytic backward of the
+// paper's Appendix H) is plain double arithmetic inside the op; the per-row parts of it run
+// inside the parallel passes, per run of rows of one sample, in loops the compiler vectorises.
+// Memory traffic: each second pass visits the rows of its thread in blocks, last block first,
+// so it starts on what the first pass left in cache; when no statistic spans the batch (eval,
+// no BN branch) both passes run per sample, the second from L2.
+//
+// Included after ATen's core headers and inside the capability's instruction-set scope;
+// everything below lives in sn_plugin::CPU_CAPABILITY, so the variants do not collide.
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace sn_plugin {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+template <typename T>
+using acc_t = at::opmath_type<T>;  // float for float/half/bfloat16, double for double
+
+// Values per block of float accumulation, folded into double after it.
+constexpr int64_t kBlock = 2048;
+// Values per parallel task: below this a thread costs more than it saves.
+constexpr int64_t kGrainValues = 32768;
+// A sample this small stays in L2 cache between the two passes over it.
+constexpr int64_t kSampleCacheBytes = 512 * 1024;
+
+inline int64_t row_grain(int64_t S) {
+  return std::max<int64_t>(1, kGrainValues / std::max<int64_t>(S, 1));
+}
+
+// ----------------------------------------------------------------- vector loads and stores
+// A step is two opmath vectors: one vector of a reduced type (half, bfloat16) holds as many
+// values as two float vectors.
+template <typename T, bool kReduced = !std::is_same_v<T, acc_t<T>>>
+struct Lanes;
+
+template <typename T>
+struct Lanes<T, false> {
+  using V = Vectorized<T>;
+  static constexpr int64_t kSize = V::size();
+  static constexpr int64_t kStep = 2 * kSize;
+  static void load(const T* p, V& a, V& b) {
+    a = V::loadu(p);
+    b = V::loadu(p + kSize);
+  }
+  static void load(const T* p, int64_t n, V& a, V& b) {  // 0 < n < kStep; the rest is 0
+    a = V::loadu(p, std::min(n, kSize));
+    b = n > kSize ? V::loadu(p + kSize, n - kSize) : V(T(0));
+  }
+  static void store(T* p, const V& a, const V& b) {
+    a.store(p);
+    b.store(p + kSize);
+  }
+  static void store(T* p, int64_t n, const V& a, const V& b) {
+    a.store(p, std::min(n, kSize));
+    if (n > kSize) {
+      b.store(p + kSize, n - kSize);
+    }
+  }
+};
+
+template <typename T>
+struct Lanes<T, true> {
+  using V = Vectorized<float>;
+  using R = Vectorized<T>;
+  static constexpr int64_t kSize = V::size();
+  static constexpr int64_t kStep = 2 * kSize;
+  static_assert(R::size() == kStep, "a reduced-precision vector must hold two float vectors");
+  static void load(const T* p, V& a, V& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(R::loadu(p));
+  }
+  static void load(const T* p, int64_t n, V& a, V& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(R::loadu(p, n));
+  }
+  static void store(T* p, const V& a, const V& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  static void store(T* p, int64_t n, const V& a, const V& b) {
+    at::vec::convert_from_float<T>(a, b).store(p, n);
+  }
+};
+
+// Zero every lane from the n-th on (0 < n < 2 * V::size()).
+template <typename V>
+inline void keep_first(V& a, V& b, int64_t n) {
+  constexpr int64_t k = V::size();
+  if (n <= k) {
+    a = V::set(V(0), a, n);
+    b = V(0);
+  } else {
+    b = V::set(V(0), b, n - k);
+  }
+}
+
+template <typename V>
+inline double reduce_sum(const V& v) {
+  return static_cast<double>(
+      at::vec::vec_reduce_all<typename V::value_type>([](V a, V b) { return a + b; }, v));
+}
+
+// ----------------------------------------------------------------- per-row passes
+// The pivot of a row's moments: the mean of its first few values, close enough to the row's
+// mean that the shifted sums below lose nothing to an offset (scalar: no vector reduction).
+template <typename T>
+inline acc_t<T> row_pivot(const T* x, int64_t S) {
+  const int64_t n = std::min<int64_t>(S, 8);
+  acc_t<T> sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    sum += static_cast<acc_t<T>>(x[i]);
+  }
+  return sum / static_cast<acc_t<T>>(n);
+}
+
+// Mean and sum of squared deviations of a row of S > 0 values: sums of (x - p) and
+// (x - p)^2 in float lanes, folded into double every kBlock values.
+template <typename T>
+inline void row_moments(const T* x, int64_t S, double inv_s, double& mean, double& m2) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  if (S == 1) {  // (N, C) inputs: one value per row
+    mean = static_cast<double>(x[0]);
+    m2 = 0;
+    return;
+  }
+  const acc_t<T> p = row_pivot(x, S);
+  const V pv(p);
+  double s1 = 0, s2 = 0;
+  for (int64_t start = 0; start < S; start += kBlock) {
+    const int64_t end = std::min(S, start + kBlock);
+    V a1(0), b1(0), a2(0), b2(0);
+    int64_t i = start;
+    for (; i + L::kStep <= end; i += L::kStep) {
+      V a, b;
+      L::load(x + i, a, b);
+      a = a - pv;
+      b = b - pv;
+      a1 += a;
+      b1 += b;
+      a2 = at::vec::fmadd(a, a, a2);
+      b2 = at::vec::fmadd(b, b, b2);
+    }
+    if (i < end) {
+      V a, b;
+      L::load(x + i, end - i, a, b);
+      a = a - pv;
+      b = b - pv;
+      keep_first(a, b, end - i);
+      a1 += a;
+      b1 += b;
+      a2 = at::vec::fmadd(a, a, a2);
+      b2 = at::vec::fmadd(b, b, b2);
+    }
+    s1 += reduce_sum(a1 + b1);
+    s2 += reduce_sum(a2 + b2);
+  }
+  mean = static_cast<double>(p) + s1 * inv_s;
+  m2 = std::max(s2 - s1 * s1 * inv_s, 0.0);
+}
+
+// y = (x - c) * scale + shift
+template <typename T>
+inline void row_affine(const T* x, T* y, int64_t S, acc_t<T> c, acc_t<T> scale, acc_t<T> shift) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  if (S == 1) {
+    y[0] = static_cast<T>((static_cast<acc_t<T>>(x[0]) - c) * scale + shift);
+    return;
+  }
+  const V cv(c), sv(scale), tv(shift);
+  int64_t i = 0;
+  for (; i + L::kStep <= S; i += L::kStep) {
+    V a, b;
+    L::load(x + i, a, b);
+    L::store(y + i, at::vec::fmadd(a - cv, sv, tv), at::vec::fmadd(b - cv, sv, tv));
+  }
+  if (i < S) {
+    V a, b;
+    L::load(x + i, S - i, a, b);
+    L::store(y + i, S - i, at::vec::fmadd(a - cv, sv, tv), at::vec::fmadd(b - cv, sv, tv));
+  }
+}
+
+// sum(dy), sum(dy * (x - c)), sum((x - c)^2), folded into double every kBlock values
+template <typename T>
+inline void row_grad_sums(const T* dy, const T* x, int64_t S, acc_t<T> c, double& sum_dy,
+                          double& sum_dy_xc, double& sum_xc2) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  if (S == 1) {
+    const acc_t<T> g = static_cast<acc_t<T>>(dy[0]), d = static_cast<acc_t<T>>(x[0]) - c;
+    sum_dy = g;
+    sum_dy_xc = static_cast<double>(g) * d;
+    sum_xc2 = static_cast<double>(d) * d;
+    return;
+  }
+  const V cv(c);
+  sum_dy = sum_dy_xc = sum_xc2 = 0;
+  for (int64_t start = 0; start < S; start += kBlock) {
+    const int64_t end = std::min(S, start + kBlock);
+    V g0(0), g1(0), p0(0), p1(0), q0(0), q1(0);
+    int64_t i = start;
+    for (; i + L::kStep <= end; i += L::kStep) {
+      V da, db, xa, xb;
+      L::load(dy + i, da, db);
+      L::load(x + i, xa, xb);
+      xa = xa - cv;
+      xb = xb - cv;
+      g0 += da;
+      g1 += db;
+      p0 = at::vec::fmadd(da, xa, p0);
+      p1 = at::vec::fmadd(db, xb, p1);
+      q0 = at::vec::fmadd(xa, xa, q0);
+      q1 = at::vec::fmadd(xb, xb, q1);
+    }
+    if (i < end) {
+      V da, db, xa, xb;
+      L::load(dy + i, end - i, da, db);
+      L::load(x + i, end - i, xa, xb);
+      xa = xa - cv;
+      xb = xb - cv;
+      keep_first(xa, xb, end - i);
+      g0 += da;
+      g1 += db;
+      p0 = at::vec::fmadd(da, xa, p0);
+      p1 = at::vec::fmadd(db, xb, p1);
+      q0 = at::vec::fmadd(xa, xa, q0);
+      q1 = at::vec::fmadd(xb, xb, q1);
+    }
+    sum_dy += reduce_sum(g0 + g1);
+    sum_dy_xc += reduce_sum(p0 + p1);
+    sum_xc2 += reduce_sum(q0 + q1);
+  }
+}
+
+// dx = k * dy + a * (x - c) + b
+template <typename T>
+inline void row_dx(const T* dy, const T* x, T* dx, int64_t S, acc_t<T> c, acc_t<T> k, acc_t<T> a,
+                   acc_t<T> b) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  if (S == 1) {
+    const acc_t<T> g = static_cast<acc_t<T>>(dy[0]), d = static_cast<acc_t<T>>(x[0]) - c;
+    dx[0] = static_cast<T>(g * k + d * a + b);
+    return;
+  }
+  const V cv(c), kv(k), av(a), bv(b);
+  int64_t i = 0;
+  for (; i + L::kStep <= S; i += L::kStep) {
+    V da, db, xa, xb;
+    L::load(dy + i, da, db);
+    L::load(x + i, xa, xb);
+    L::store(dx + i, at::vec::fmadd(da, kv, at::vec::fmadd(xa - cv, av, bv)),
+             at::vec::fmadd(db, kv, at::vec::fmadd(xb - cv, av, bv)));
+  }
+  if (i < S) {
+    V da, db, xa, xb;
+    L::load(dy + i, S - i, da, db);
+    L::load(x + i, S - i, xa, xb);
+    L::store(dx + i, S - i, at::vec::fmadd(da, kv, at::vec::fmadd(xa - cv, av, bv)),
+             at::vec::fmadd(db, kv, at::vec::fmadd(xb - cv, av, bv)));
+  }
+}
+
+// ----------------------------------------------------------------- O(N*C) maths, in double
+inline std::vector<double> to_doubles(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  std::vector<double> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "sn_to_doubles", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) {
+      out[i] = static_cast<double>(p[i]);
+    }
+  });
+  return out;
+}
+
+inline void write_doubles(const Tensor& t, const double* values) {  // t contiguous
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sn_write", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      p[i] = static_cast<scalar_t>(values[i]);
+    }
+  });
+}
+
+inline Tensor doubles_like(const Tensor& like, const double* values, int64_t n) {
+  Tensor out = at::empty({n}, like.options());
+  write_doubles(out, values);
+  return out;
+}
+
+inline Tensor stats_tensor(const Tensor& x, at::IntArrayRef sizes) {
+  return at::empty(sizes, x.options().dtype(at::kDouble));
+}
+
+// Softmax of the logits; without the IN branch (an (N, C) input) its weight is 0 and the
+// softmax runs over the others.
+inline void mixing_weights(const Tensor& logits, bool has_in, double* w) {
+  const std::vector<double> l = to_doubles(logits);
+  const size_t first = has_in ? 0 : 1;
+  double top = -std::numeric_limits<double>::infinity();
+  for (size_t k = first; k < l.size(); ++k) {
+    top = std::max(top, l[k]);
+  }
+  double total = 0;
+  for (size_t k = first; k < l.size(); ++k) {
+    w[k] = std::exp(l[k] - top);
+    total += w[k];
+  }
+  for (size_t k = first; k < l.size(); ++k) {
+    w[k] /= total;
+  }
+}
+
+// Everything about one call that the per-row maths need.
+struct Layer {
+  int64_t N = 0, C = 0, S = 0;
+  bool has_bn = false, batch_stats = false;
+  double eps = 0;
+  double inv_s = 0;        // 1 / S
+  double in_divisor = 1;   // S, or S - 1 in the authors' convention
+  double inv_divisor = 0;  // 1 / in_divisor
+  double ln_factor = 1;    // C / (C - 1) for (N, C) inputs in the authors' convention
+  double count = 0;        // M, the samples of the BN branch
+  double bn_factor = 1;    // M / (M - 1) for (N, C) inputs in the authors' convention
+  double wm[3] = {0, 0, 0};  // mixing weights of the means [IN, LN, BN] (BN 0 without it)
+  double wv[3] = {0, 0, 0};  // of the variances
+  std::vector<double> gamma, beta;  // C values each (1 and 0 without affine parameters)
+
+  bool bn_from_batch() const { return has_bn && batch_stats; }
+};
+
+inline Layer make_layer(const Tensor& x, const Tensor& mean_logits, const Tensor& var_logits,
+                        const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& batch_count, bool batch_stats, double eps, bool unbiased,
+                        bool has_in) {
+  Layer L;
+  L.N = x.size(0);
+  L.C = x.size(1);
+  L.S = x.size(2);
+  L.has_bn = mean_logits.numel() == 3;
+  L.batch_stats = batch_stats;
+  L.eps = eps;
+  L.inv_s = L.S > 0 ? 1.0 / L.S : 0.0;
+  L.in_divisor = static_cast<double>(unbiased && L.S > 1 ? L.S - 1 : L.S);
+  L.inv_divisor = L.in_divisor > 0 ? 1.0 / L.in_divisor : 0.0;
+  const bool sample_variances = unbiased && !has_in;
+  L.ln_factor = sample_variances && L.C > 1 ? double(L.C) / double(L.C - 1) : 1.0;
+  L.count = batch_count.has_value() ? *batch_count->const_data_ptr<double>() : double(L.N);
+  L.bn_factor = sample_variances && L.count > 1 ? L.count / (L.count - 1) : 1.0;
+  mixing_weights(mean_logits, has_in, L.wm);
+  mixing_weights(var_logits, has_in, L.wv);
+  L.gamma = weight.has_value() ? to_doubles(*weight) : std::vector<double>(L.C, 1.0);
+  L.beta = bias.has_value() ? to_doubles(*bias) : std::vector<double>(L.C, 0.0);
+  return L;
+}
+
+// Visit rows [begin, end) as runs (n, c0, c1) within one sample, in order. With block_rows > 0
+// the rows go in blocks of that many, the last block first (what the previous pass over these
+// rows left in cache), each block in order (so that the hardware prefetcher follows it).
+template <typename F>
+inline void for_each_run(const Layer& L, int64_t begin, int64_t end, int64_t block_rows, const F& f) {
+  auto runs = [&](int64_t from, int64_t to) {
+    for (int64_t r = from; r < to;) {
+      const int64_t n = r / L.C, c0 = r - n * L.C, c1 = std::min(L.C, c0 + (to - r));
+      f(n, c0, c1);
+      r += c1 - c0;
+    }
+  };
+  if (block_rows <= 0) {
+    runs(begin, end);
+    return;
+  }
+  for (int64_t to = end; to > begin; to -= block_rows) {
+    runs(std::max(begin, to - block_rows), to);
+  }
+}
+
+// Rows per block of a second pass (see for_each_run): 64 KiB of input.
+template <typename T>
+inline int64_t reuse_block_rows(const Layer& L) {
+  return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(L.S * int64_t(sizeof(T)), 1));
+}
+
+// The mixed mean and variance of rows (n, c0..c1). ln = [mean_ln (N); var_ln (N)],
+// bn = [mean_bn (C); var_bn (C)].
+inline void mix_run(const Layer& L, int64_t n, int64_t c0, int64_t c1, const double* m_in,
+                    const double* v_in, const double* ln, const double* bn, double* mean,
+                    double* var) {
+  const double lm = L.wm[1] * ln[n], lv = L.wv[1] * ln[L.N + n];
+  const double* mi = m_in + n * L.C;
+  const double* vi = v_in + n * L.C;
+#pragma omp simd
+  for (int64_t c = c0; c < c1; ++c) {
+    mean[c - c0] = L.wm[0] * mi[c] + lm + L.wm[2] * bn[c];
+    var[c - c0] = L.wv[0] * vi[c] + lv + L.wv[2] * bn[L.C + c];
+  }
+}
+
+// LN statistics of sample n (Eq. 4): the mean over c of the IN means, and of
+// var_in + (mean_in - mean_ln)^2.
+inline void ln_statistics_of(const Layer& L, int64_t n, const double* m_in, const double* v_in,
+                             double* ln) {
+  using V = Vectorized<double>;
+  const double* m = m_in + n * L.C;
+  const double* v = v_in + n * L.C;
+  const double inv_c = L.C > 0 ? 1.0 / L.C : 0.0;
+  const double mean = at::vec::reduce_all<double>([](V a, V b) { return a + b; }, m, L.C) * inv_c;
+  const double spread = at::vec::map2_reduce_all<double>(
+      [mean](V mv, V vv) {
+        const V d = mv - V(mean);
+        return vv + d * d;
+      },
+      [](V a, V b) { return a + b; }, m, v, L.C);
+  ln[n] = mean;
+  ln[L.N + n] = spread * inv_c * L.ln_factor;
+}
+
+// BN statistics of this call's batch per channel (Eq. 4), over its N samples.
+inline void bn_batch_statistics(const Layer& L, const double* m_in, const double* v_in, double* bn) {
+  const double inv = L.N > 0 ? 1.0 / L.N : 0.0;
+  double* mean = bn;
+  double* var = bn + L.C;
+  std::fill(bn, bn + 2 * L.C, 0.0);
+  for (int64_t n = 0; n < L.N; ++n) {
+    const double* m = m_in + n * L.C;
+    for (int64_t c = 0; c < L.C; ++c) {
+      mean[c] += m[c];
+    }
+  }
+  for (int64_t c = 0; c < L.C; ++c) {
+    mean[c] *= inv;
+  }
+  for (int64_t n = 0; n < L.N; ++n) {
+    const double* m = m_in + n * L.C;
+    const double* v = v_in + n * L.C;
+    for (int64_t c = 0; c < L.C; ++c) {
+      const double d = m[c] - mean[c];
+      var[c] += v[c] + d * d;
+    }
+  }
+  for (int64_t c = 0; c < L.C; ++c) {
+    var[c] *= inv * L.bn_factor;
+  }
+}
+
+// ----------------------------------------------------------------- forward
+template <typename T>
+inline void moments_of_rows(const Layer& L, const T* x, int64_t begin, int64_t end, double* m_in,
+                            double* v_in) {
+  for (int64_t r = begin; r < end; ++r) {
+    double m2 = 0;
+    m_in[r] = 0;
+    if (L.S > 0) {
+      row_moments(x + r * L.S, L.S, L.inv_s, m_in[r], m2);
+    }
+    v_in[r] = m2 * L.inv_divisor;
+  }
+}
+
+// y for rows [begin, end) (block_rows: see for_each_run).
+template <typename T>
+inline void affine_rows(const Layer& L, const T* x, T* y, const double* m_in, const double* v_in,
+                        const double* ln, const double* bn, int64_t begin, int64_t end,
+                        int64_t block_rows, double* scratch) {
+  double* mean = scratch;
+  double* var = scratch + L.C;
+  double* centre = scratch + 2 * L.C;
+  double* scale = scratch + 3 * L.C;
+  double* shift = scratch + 4 * L.C;
+  for_each_run(L, begin, end, block_rows, [&](int64_t n, int64_t c0, int64_t c1) {
+    mix_run(L, n, c0, c1, m_in, v_in, ln, bn, mean, var);
+    const double* mi = m_in + n * L.C;
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c - c0;
+      const double rstd = 1.0 / std::sqrt(var[k] + L.eps);
+      // centre: the row's mean in the input's precision, so (x - centre) is exact
+      centre[k] = static_cast<double>(static_cast<acc_t<T>>(mi[c]));
+      scale[k] = rstd * L.gamma[c];
+      shift[k] = L.beta[c] + (centre[k] - mean[k]) * scale[k];
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c - c0, r = n * L.C + c;
+      row_affine(x + r * L.S, y + r * L.S, L.S, static_cast<acc_t<T>>(centre[k]),
+                 static_cast<acc_t<T>>(scale[k]), static_cast<acc_t<T>>(shift[k]));
+    }
+  });
+}
+
+// Fills bn with the BN statistics that do not come from this batch (running ones, or none).
+inline void bn_statistics_not_from_batch(const Layer& L, const OptTensor& running_mean,
+                                         const OptTensor& running_var, double* bn) {
+  std::fill(bn, bn + 2 * L.C, 0.0);
+  if (L.has_bn) {
+    const std::vector<double> mean = to_doubles(*running_mean), var = to_doubles(*running_var);
+    std::copy(mean.begin(), mean.end(), bn);
+    std::copy(var.begin(), var.end(), bn + L.C);
+  }
+}
+
+template <typename T>
+void forward_passes(const Layer& L, const T* x, T* y, double* m_in, double* v_in, double* ln,
+                    double* bn, const OptTensor& running_mean, const OptTensor& running_var) {
+  const int64_t rows = L.N * L.C;
+  const int64_t sample_values = L.C * L.S;
+  if (!L.bn_from_batch() && sample_values * int64_t(sizeof(T)) <= kSampleCacheBytes) {
+    // Every statistic is the sample's own: both passes per sample, the second from cache.
+    bn_statistics_not_from_batch(L, running_mean, running_var, bn);
+    at::parallel_for(0, L.N, std::max<int64_t>(1, kGrainValues / std::max<int64_t>(sample_values, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       std::vector<double> scratch(5 * L.C);
+                       for (int64_t n = begin; n < end; ++n) {
+                         moments_of_rows(L, x, n * L.C, (n + 1) * L.C, m_in, v_in);
+                         ln_statistics_of(L, n, m_in, v_in, ln);
+                         affine_rows(L, x, y, m_in, v_in, ln, bn, n * L.C, (n + 1) * L.C,
+                                     /*block_rows=*/0, scratch.data());
+                       }
+                     });
+    return;
+  }
+  at::parallel_for(0, rows, row_grain(L.S), [&](int64_t begin, int64_t end) {
+    moments_of_rows(L, x, begin, end, m_in, v_in);
+  });
+  for (int64_t n = 0; n < L.N; ++n) {
+    ln_statistics_of(L, n, m_in, v_in, ln);
+  }
+  if (L.bn_from_batch()) {
+    bn_batch_statistics(L, m_in, v_in, bn);
+  } else {
+    bn_statistics_not_from_batch(L, running_mean, running_var, bn);
+  }
+  // The same split of rows over the threads as the moments pass, its last rows first.
+  at::parallel_for(0, rows, row_grain(L.S), [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(5 * L.C);
+    affine_rows(L, x, y, m_in, v_in, ln, bn, begin, end, reuse_block_rows<T>(L), scratch.data());
+  });
+}
+
+Layer moments_layer(const Tensor& x, bool unbiased) {
+  Layer L;
+  L.N = x.size(0);
+  L.C = x.size(1);
+  L.S = x.size(2);
+  L.inv_s = L.S > 0 ? 1.0 / L.S : 0.0;
+  L.in_divisor = static_cast<double>(unbiased && L.S > 1 ? L.S - 1 : L.S);
+  L.inv_divisor = L.in_divisor > 0 ? 1.0 / L.in_divisor : 0.0;
+  return L;
+}
+
+std::tuple<Tensor, Tensor> moments(const Tensor& x, bool unbiased) {
+  const Layer L = moments_layer(x, unbiased);
+  Tensor mean_in = stats_tensor(x, {L.N, L.C}), var_in = stats_tensor(x, {L.N, L.C});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_moments", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    double* m = mean_in.data_ptr<double>();
+    double* v = var_in.data_ptr<double>();
+    at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
+      moments_of_rows(L, xp, begin, end, m, v);
+    });
+  });
+  return {mean_in, var_in};
+}
+
+std::tuple<Tensor, Tensor, Tensor> normalize(
+    const Tensor& x, const Tensor& mean_in, const Tensor& var_in, const OptTensor& batch_mean,
+    const OptTensor& batch_var, const OptTensor& batch_count, const Tensor& mean_logits,
+    const Tensor& var_logits, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, bool batch_stats, double eps,
+    bool unbiased, bool has_in) {
+  const Layer L = make_layer(x, mean_logits, var_logits, weight, bias, batch_count, batch_stats,
+                             eps, unbiased, has_in);
+  const double* m_in = mean_in.const_data_ptr<double>();
+  const double* v_in = var_in.const_data_ptr<double>();
+  Tensor ln_stats = stats_tensor(x, {2, L.N}), bn_stats = stats_tensor(x, {2, L.C});
+  double* ln = ln_stats.data_ptr<double>();
+  double* bn = bn_stats.data_ptr<double>();
+  for (int64_t n = 0; n < L.N; ++n) {
+    ln_statistics_of(L, n, m_in, v_in, ln);
+  }
+  if (L.bn_from_batch() && batch_mean.has_value()) {  // synchronized: over every process
+    const std::vector<double> mean = to_doubles(*batch_mean), var = to_doubles(*batch_var);
+    for (int64_t c = 0; c < L.C; ++c) {
+      bn[c] = mean[c];
+      bn[L.C + c] = var[c] * L.bn_factor;
+    }
+  } else if (L.bn_from_batch()) {
+    bn_batch_statistics(L, m_in, v_in, bn);
+  } else {
+    bn_statistics_not_from_batch(L, running_mean, running_var, bn);
+  }
+  Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_normalize", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
+      std::vector<double> scratch(5 * L.C);
+      affine_rows(L, xp, yp, m_in, v_in, ln, bn, begin, end, reuse_block_rows<scalar_t>(L),
+                  scratch.data());
+    });
+  });
+  return {y, ln_stats, bn_stats};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward(
+    const Tensor& x, const Tensor& mean_logits, const Tensor& var_logits, const OptTensor& weight,
+    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+    bool batch_stats, double eps, bool unbiased, bool has_in) {
+  const Layer L = make_layer(x, mean_logits, var_logits, weight, bias, std::nullopt, batch_stats,
+                             eps, unbiased, has_in);
+  Tensor mean_in = stats_tensor(x, {L.N, L.C});
+  Tensor ln_stats = stats_tensor(x, {2, L.N}), bn_stats = stats_tensor(x, {2, L.C});
+  std::vector<double> var_in(L.N * L.C);
+  Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_forward", [&] {
+    forward_passes<scalar_t>(L, x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                             mean_in.data_ptr<double>(), var_in.data(), ln_stats.data_ptr<double>(),
+                             bn_stats.data_ptr<double>(), running_mean, running_var);
+  });
+  return {y, mean_in, ln_stats, bn_stats};
+}
+
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
+                          const Tensor& bn_stats, const OptTensor& batch_count,
+                          int64_t num_samples, int64_t spatial_size, double momentum,
+                          bool unbiased) {
+  const double samples =
+      batch_count.has_value() ? *batch_count->const_data_ptr<double>() : double(num_samples);
+  const double values = samples * double(spatial_size);
+  if (!(values > 1)) {  // one value per channel: no variance to learn from
+    return;
+  }
+  // BatchNorm's unbiased batch variance; in the authors' convention the BN variance as used.
+  const double correction = unbiased ? 1.0 : values / (values - 1);
+  const int64_t C = running_mean.numel();
+  const double* bn = bn_stats.const_data_ptr<double>();
+  std::vector<double> mean = to_doubles(running_mean), var = to_doubles(running_var);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] += momentum * (bn[c] - mean[c]);
+    var[c] += momentum * (bn[C + c] * correction - var[c]);
+  }
+  write_doubles(running_mean, mean.data());
+  write_doubles(running_var, var.data());
+}
+
+// ----------------------------------------------------------------- backward
+// Per row (n, c): dL/dmean and dL/dvar of the mixed statistics and the recomputed IN variance
+// (what the dx pass needs), rows = N * C each.
+template <typename P>
+struct RowGradsOf {
+  P* d_mean;
+  P* d_var;
+  P* v_in;
+};
+using RowGrads = RowGradsOf<double>;
+using ConstRowGrads = RowGradsOf<const double>;
+
+// The sums of the first backward pass: over c per sample (LN), over n per channel (BN, gamma,
+// beta), and for the logits sum(dL/dmean * (mean_k - mean)), sum(dL/dvar * (var_k - var)):
+// relative to the mixed statistics, so no term the size of the statistics is ever formed.
+struct GradSums {
+  int64_t N = 0, C = 0;
+  std::vector<double> data;
+  GradSums(int64_t n, int64_t c) : N(n), C(c), data(2 * n + 4 * c + 6, 0.0) {}
+  double* ln() { return data.data(); }         // 2N: [sum_c dL/dmean; sum_c dL/dvar]
+  double* bn() { return ln() + 2 * N; }        // 2C: [sum_n dL/dmean; sum_n dL/dvar]
+  double* gamma() { return bn() + 2 * C; }     // C
+  double* beta() { return gamma() + C; }       // C
+  double* logits() { return beta() + C; }      // 6: means [IN, LN, BN], variances [IN, LN, BN]
+  void add(const GradSums& other) {
+    for (size_t i = 0; i < data.size(); ++i) {
+      data[i] += other.data[i];
+    }
+  }
+};
+
+template <typename T>
+inline void grad_sums_of_rows(const Layer& L, const T* dy, const T* x, const double* m_in,
+                              const double* ln, const double* bn, int64_t begin, int64_t end,
+                              const RowGrads& rows, GradSums& sums, double* scratch) {
+  double* sum_dy = scratch;
+  double* sum_dy_xc = scratch + L.C;
+  double* mean = scratch + 2 * L.C;
+  double* var = scratch + 3 * L.C;
+  double* bn_sums = sums.bn();
+  double* gamma_sums = sums.gamma();
+  double* beta_sums = sums.beta();
+  for_each_run(L, begin, end, /*block_rows=*/0, [&](int64_t n, int64_t c0, int64_t c1) {
+    const int64_t base = n * L.C;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c - c0, r = base + c;
+      const acc_t<T> centre = static_cast<acc_t<T>>(m_in[r]);
+      double s_dy, s_dy_xc, s_xc2;
+      row_grad_sums(dy + r * L.S, x + r * L.S, L.S, centre, s_dy, s_dy_xc, s_xc2);
+      // from the rounded centre to the exact mean: sum(x - c) = S * (mean_in - c)
+      const double offset = static_cast<double>(centre) - m_in[r];
+      sum_dy[k] = s_dy;
+      sum_dy_xc[k] = s_dy_xc + offset * s_dy;
+      rows.v_in[r] = std::max(s_xc2 - L.S * offset * offset, 0.0) * L.inv_divisor;
+    }
+    mix_run(L, n, c0, c1, m_in, rows.v_in, ln, bn, mean, var);
+    const double ln_mean = ln[n], ln_var = ln[L.N + n];
+    double ln_dm = 0, ln_dv = 0, gm0 = 0, gm1 = 0, gm2 = 0, gv0 = 0, gv1 = 0, gv2 = 0;
+#pragma omp simd reduction(+ : ln_dm, ln_dv, gm0, gm1, gm2, gv0, gv1, gv2)
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c - c0, r = base + c;
+      const double rstd = 1.0 / std::sqrt(var[k] + L.eps);
+      const double dy_xmean = sum_dy_xc[k] + (m_in[r] - mean[k]) * sum_dy[k];  // sum dy (x - mean)
+      const double dm = -rstd * L.gamma[c] * sum_dy[k];
+      const double dv = -0.5 * rstd * rstd * rstd * L.gamma[c] * dy_xmean;
+      rows.d_mean[r] = dm;
+      rows.d_var[r] = dv;
+      bn_sums[c] += dm;
+      bn_sums[L.C + c] += dv;
+      gamma_sums[c] += rstd * dy_xmean;
+      beta_sums[c] += sum_dy[k];
+      ln_dm += dm;
+      ln_dv += dv;
+      gm0 += dm * (m_in[r] - mean[k]);
+      gm1 += dm * (ln_mean - mean[k]);
+      gm2 += dm * (bn[c] - mean[k]);
+      gv0 += dv * (rows.v_in[r] - var[k]);
+      gv1 += dv * (ln_var - var[k]);
+      gv2 += dv * (bn[L.C + c] - var[k]);
+    }
+    sums.ln()[n] += ln_dm;
+    sums.ln()[L.N + n] += ln_dv;
+    const double g[6] = {gm0, gm1, gm2, gv0, gv1, gv2};
+    for (int k = 0; k < 6; ++k) {
+      sums.logits()[k] += g[k];
+    }
+  });
+}
+
+// First backward pass over every row; the per-thread sums are combined at the end.
+template <typename T>
+GradSums grad_sums_pass(const Layer& L, const T* dy, const T* x, const double* m_in,
+                        const double* ln, const double* bn, const RowGrads& rows) {
+  std::vector<GradSums> partial(at::get_num_threads(), GradSums(L.N, L.C));
+  at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(4 * L.C);
+    grad_sums_of_rows(L, dy, x, m_in, ln, bn, begin, end, rows, partial[at::get_thread_num()],
+                      scratch.data());
+  });
+  GradSums total = std::move(partial[0]);
+  for (size_t t = 1; t < partial.size(); ++t) {
+    total.add(partial[t]);
+  }
+  for (int k = 0; k < 3; ++k) {  // the softmax backward: w_k * g_k (sum_j w_j g_j is 0)
+    total.logits()[k] *= L.wm[k];
+    total.logits()[3 + k] *= L.wv[k];
+  }
+  return total;
+}
+
+// dx = k * dy + a * (x - mean_in) + b per row, from the gradients of the IN statistics
+// (Appendix H; the LN and BN statistics are derived from the IN ones). ln_grad and bn_grad
+// are the sums over c and over the batch of dL/dmean and dL/dvar.
+template <typename T>
+void dx_pass(const Layer& L, const T* dy, const T* x, T* dx, const double* m_in, const double* ln,
+             const double* bn, const ConstRowGrads& rows, const double* ln_grad, const double* bn_grad) {
+  const double inv_c = L.C > 0 ? 1.0 / L.C : 0.0;
+  const double inv_m = L.bn_from_batch() ? 1.0 / std::max(L.count, 1.0) : 0.0;
+  // The same split of rows over the threads as the first pass, its last rows first.
+  at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(6 * L.C);
+    double* mean = scratch.data();
+    double* var = mean + L.C;
+    double* centre = var + L.C;
+    double* k_dy = centre + L.C;
+    double* a_xc = k_dy + L.C;
+    double* b = a_xc + L.C;
+    for_each_run(L, begin, end, reuse_block_rows<T>(L), [&](int64_t n, int64_t c0, int64_t c1) {
+      mix_run(L, n, c0, c1, m_in, rows.v_in, ln, bn, mean, var);
+      const double ln_dm = ln_grad[n] * inv_c, ln_dv = ln_grad[L.N + n] * inv_c * L.ln_factor;
+      const double ln_mean = ln[n];
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c - c0, r = n * L.C + c;
+        const double bn_dm = bn_grad[c] * inv_m, bn_dv = bn_grad[L.C + c] * inv_m * L.bn_factor;
+        const double grad_mean = L.wm[0] * rows.d_mean[r] + L.wm[1] * ln_dm + L.wm[2] * bn_dm +
+                                 2.0 * L.wv[1] * ln_dv * (m_in[r] - ln_mean) +
+                                 2.0 * L.wv[2] * bn_dv * (m_in[r] - bn[c]);
+        const double grad_var = L.wv[0] * rows.d_var[r] + L.wv[1] * ln_dv + L.wv[2] * bn_dv;
+        const double a = 2.0 * grad_var * L.inv_divisor;
+        centre[j] = static_cast<double>(static_cast<acc_t<T>>(m_in[r]));
+        k_dy[j] = L.gamma[c] / std::sqrt(var[j] + L.eps);
+        a_xc[j] = a;
+        b[j] = grad_mean * L.inv_s + a * (centre[j] - m_in[r]);
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c - c0, r = n * L.C + c;
+        row_dx(dy + r * L.S, x + r * L.S, dx + r * L.S, L.S, static_cast<acc_t<T>>(centre[j]),
+               static_cast<acc_t<T>>(k_dy[j]), static_cast<acc_t<T>>(a_xc[j]),
+               static_cast<acc_t<T>>(b[j]));
+      }
+    });
+  });
+}
+
+inline GradSums grad_sums(const Layer& L, const Tensor& grad_out, const Tensor& x,
+                          const double* m_in, const double* ln, const double* bn,
+                          const RowGrads& rows) {
+  GradSums sums(0, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_grad_sums", [&] {
+    sums = grad_sums_pass<scalar_t>(L, grad_out.const_data_ptr<scalar_t>(),
+                                    x.const_data_ptr<scalar_t>(), m_in, ln, bn, rows);
+  });
+  return sums;
+}
+
+inline Tensor input_grad(const Layer& L, const Tensor& grad_out, const Tensor& x, const double* m_in,
+                         const double* ln, const double* bn, const ConstRowGrads& rows,
+                         const double* ln_grad, const double* bn_grad) {
+  Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_dx", [&] {
+    dx_pass<scalar_t>(L, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                      dx.data_ptr<scalar_t>(), m_in, ln, bn, rows, ln_grad, bn_grad);
+  });
+  return dx;
+}
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> param_grads(const Layer& L, GradSums& sums,
+                                                              const Tensor& mean_logits) {
+  const int64_t K = mean_logits.numel();
+  return {doubles_like(mean_logits, sums.logits(), K), doubles_like(mean_logits, sums.logits() + 3, K),
+          doubles_like(mean_logits, sums.gamma(), L.C), doubles_like(mean_logits, sums.beta(), L.C)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_reduce(
+    const Tensor& grad_out, const Tensor& x, const Tensor& mean_in, const Tensor& ln_stats,
+    const Tensor& bn_stats, const OptTensor& batch_count, const Tensor& mean_logits,
+    const Tensor& var_logits, const OptTensor& weight, bool batch_stats, double eps,
+    bool unbiased, bool has_in) {
+  const Layer L = make_layer(x, mean_logits, var_logits, weight, std::nullopt, batch_count,
+                             batch_stats, eps, unbiased, has_in);
+  const int64_t rows = L.N * L.C;
+  Tensor row_grads = stats_tensor(x, {3, L.N, L.C});
+  double* base = row_grads.data_ptr<double>();
+  GradSums sums = grad_sums(L, grad_out, x, mean_in.const_data_ptr<double>(),
+                                  ln_stats.const_data_ptr<double>(),
+                                  bn_stats.const_data_ptr<double>(),
+                                  RowGrads{base, base + rows, base + 2 * rows});
+  Tensor ln_grad = stats_tensor(x, {2, L.N}), bn_grad = stats_tensor(x, {2, L.C});
+  std::copy(sums.ln(), sums.ln() + 2 * L.N, ln_grad.data_ptr<double>());
+  std::copy(sums.bn(), sums.bn() + 2 * L.C, bn_grad.data_ptr<double>());
+  auto [g_mean, g_var, g_gamma, g_beta] = param_grads(L, sums, mean_logits);
+  return {row_grads, ln_grad, bn_grad, g_mean, g_var, g_gamma, g_beta};
+}
+
+Tensor backward_dx(const Tensor& grad_out, const Tensor& x, const Tensor& mean_in,
+                   const Tensor& row_grads, const Tensor& ln_grad, const Tensor& bn_grad,
+                   const Tensor& ln_stats, const Tensor& bn_stats, const OptTensor& batch_count,
+                   const Tensor& mean_logits, const Tensor& var_logits, const OptTensor& weight,
+                   bool batch_stats, double eps, bool unbiased, bool has_in) {
+  const Layer L = make_layer(x, mean_logits, var_logits, weight, std::nullopt, batch_count,
+                             batch_stats, eps, unbiased, has_in);
+  const int64_t rows = L.N * L.C;
+  const double* base = row_grads.const_data_ptr<double>();
+  return input_grad(L, grad_out, x, mean_in.const_data_ptr<double>(),
+                    ln_stats.const_data_ptr<double>(), bn_stats.const_data_ptr<double>(),
+                    ConstRowGrads{base, base + rows, base + 2 * rows}, ln_grad.const_data_ptr<double>(),
+                    bn_grad.const_data_ptr<double>());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& mean_in, const Tensor& ln_stats,
+    const Tensor& bn_stats, const Tensor& mean_logits, const Tensor& var_logits,
+    const OptTensor& weight, bool batch_stats, double eps, bool unbiased, bool has_in,
+    bool input_grad_wanted) {
+  const Layer L = make_layer(x, mean_logits, var_logits, weight, std::nullopt, std::nullopt,
+                             batch_stats, eps, unbiased, has_in);
+  const int64_t rows = L.N * L.C;
+  std::vector<double> row_data(3 * rows);
+  const RowGrads row_grads{row_data.data(), row_data.data() + rows, row_data.data() + 2 * rows};
+  const double* m_in = mean_in.const_data_ptr<double>();
+  const double* ln = ln_stats.const_data_ptr<double>();
+  const double* bn = bn_stats.const_data_ptr<double>();
+  GradSums sums = grad_sums(L, grad_out, x, m_in, ln, bn, row_grads);
+  Tensor dx = input_grad_wanted
+                  ? input_grad(L, grad_out, x, m_in, ln, bn,
+                               ConstRowGrads{row_grads.d_mean, row_grads.d_var, row_grads.v_in},
+                               sums.ln(), sums.bn())
+                  : at::empty({0}, x.options());
+  auto [g_mean, g_var, g_gamma, g_beta] = param_grads(L, sums, mean_logits);
+  return {dx, g_mean, g_var, g_gamma, g_beta};
+}
+
+inline const CpuKernels* table() {
+  static const CpuKernels kernels{&moments,        &normalize,   &forward, &update_running_stats,
+                                  &backward_reduce, &backward_dx, &backward};
+  return &kernels;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace sn_plugin

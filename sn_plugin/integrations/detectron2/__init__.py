@@ -15,19 +15,24 @@ Both need patches of detectron2 0.6 internals, limited to detectron2's own
 modules and undone by :func:`unregister` (:mod:`.registration`; the list is in
 docs/architecture.md). The rest changes nothing of detectron2:
 
-* :mod:`.config`: the config keys (:func:`add_sn_config`, :func:`get_sn_cfg`);
+* :mod:`.config`: the config keys (:func:`add_sn_config`, :func:`get_sn_cfg`), LazyConfig's
+  SN norm (:func:`sn_norm`), and sn_plugin's configs by name (``get_sn_cfg(name)``,
+  :func:`get_sn_lazy_config`, :func:`get_sn_config_file`);
 * :mod:`.solver`: ``SOLVER.WEIGHT_DECAY_NORM`` for SN's gamma/beta and
   importance logits (:func:`get_default_optimizer_params`, :func:`build_optimizer`);
 * :mod:`.hooks`: :class:`SNBatchStatsHook` (batch-average statistics before
   evaluation, the paper's inference method) and :class:`SNWeightLoggerHook`
   (importance weights into detectron2's metrics), named as in the OpenMMLab adapter;
 * :mod:`.trainer`: :class:`SNTrainer`, a ``DefaultTrainer`` with all of it;
-* :mod:`.train_net`: the training command (``tools/train_net_d2.py``).
+* :mod:`.train_net`: the training command (``tools/train_net_d2.py``);
+  :mod:`.lazy_train_net`, the LazyConfig one (``tools/lazyconfig_train_net_d2.py``).
 """
 import warnings
 
 from ...switchable_norm import FrozenSwitchNorm
-from .config import SNCfgNode, add_sn_config, get_sn_cfg, layer_options_from_cfg
+from .config import (
+    SNCfgNode, add_sn_config, get_sn_cfg, get_sn_config_file, get_sn_lazy_config, layer_options_from_cfg, sn_norm,
+)
 from .hooks import SNBatchStatsHook, SNWeightLoggerHook
 from .registration import (
     LAYER_OPTIONS, NORM_TYPES, PATCHES, get_norm, is_registered, register, sn_layer_options, unregister,
@@ -38,7 +43,8 @@ from .trainer import SNTrainer
 __all__ = [
     "LAYER_OPTIONS", "NORM_TYPES", "PATCHES", "FrozenSwitchNorm", "SNBatchStatsHook", "SNCfgNode", "SNTrainer",
     "SNWeightLoggerHook", "add_sn_config", "build_optimizer", "get_default_optimizer_params", "get_norm",
-    "get_sn_cfg", "is_registered", "layer_options_from_cfg", "register", "sn_layer_options", "unregister",
+    "get_sn_cfg", "get_sn_config_file", "get_sn_lazy_config", "is_registered", "layer_options_from_cfg", "register",
+    "sn_layer_options", "sn_norm", "unregister",
 ]
 
 register()

@@ -318,3 +318,19 @@ def test_config_file_takes_a_shipped_name_where_no_such_file_exists(tmp_path, mo
         with pytest.raises(SystemExit):
             lazy_train_net.main(["--config-file", wrong])
         assert wrong in capsys.readouterr().err
+
+
+def test_coco_evaluator_is_fast_only_with_detectron2s_compiled_extension(tiny_coco):  # noqa: F811
+    from detectron2.evaluation import COCOEvaluator
+    from omegaconf import OmegaConf
+
+    from sn_plugin.integrations.detectron2.trainer import _compiled_ops_available
+
+    def evaluator(spec):
+        return lazy_train_net._evaluator(OmegaConf.create({"dataloader": {"evaluator": spec}},
+                                                          flags={"allow_objects": True}))
+
+    assert evaluator(L(COCOEvaluator)(dataset_name=DATASET))._use_fast_impl == _compiled_ops_available()
+    assert evaluator(L(COCOEvaluator)(dataset_name=DATASET, use_fast_impl=True))._use_fast_impl  # the config's word
+    (listed,) = evaluator([L(COCOEvaluator)(dataset_name=DATASET, use_fast_impl=False)])
+    assert isinstance(listed, COCOEvaluator)

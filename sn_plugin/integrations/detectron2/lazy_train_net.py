@@ -95,7 +95,9 @@ def estimate_missing_batch_stats(cfg: DictConfig, model: nn.Module) -> bool:
 
 def _evaluator(cfg: DictConfig):
     spec = cfg.dataloader.evaluator
-    target = locate(spec._target_) if isinstance(spec._target_, str) else spec._target_
+    target = spec.get("_target_") if isinstance(spec, DictConfig) else None  # else e.g. a list of evaluators
+    if isinstance(target, str):
+        target = locate(target)
     if isinstance(target, type) and issubclass(target, COCOEvaluator) and "use_fast_impl" not in spec:
         return instantiate({**spec, "use_fast_impl": _compiled_ops_available()})
     return instantiate(spec)

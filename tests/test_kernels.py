@@ -86,6 +86,37 @@ def test_fused_op_matches_the_naive_semantics(fused, shape, training, unbiased, 
 
 
 @built
+@pytest.mark.parametrize("training", [True, False])
+def test_passes_split_over_threads_give_the_same_result(fused, training):
+    """Large enough that the passes run in parallel tasks (and the backward sums per thread)."""
+    torch.manual_seed(8)
+    x = torch.randn(6, 40, 30, 30, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layer = randomised(SwitchNorm2d(40).double(), seed=9).train(training)
+            xg = x.clone().requires_grad_()
+            (layer(xg) * dy).sum().backward()
+            results.append([layer(x).detach(), xg.grad] + [p.grad for p in layer.parameters()])
+    finally:
+        torch.set_num_threads(previous)
+    layer = randomised(SwitchNorm2d(40).double(), seed=9)
+    inputs = [x.clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in layer.parameters()]
+    running = (None, None) if training else (layer.running_mean, layer.running_var)
+    expected = naive_switch_norm(inputs[0], inputs[3], inputs[4], inputs[1], inputs[2], *running, training, 0.1,
+                                 1e-5, False)
+    expected_grads = torch.autograd.grad(expected, inputs, dy)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1][0], expected.detach(), rtol=1e-10, atol=1e-10)
+    for got, want in zip(results[1][1:], expected_grads):  # x, weight, bias, logits
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@built
 @pytest.mark.parametrize("shape, training, unbiased", [
     ((3, 4, 5), True, False), ((3, 4, 2, 3), False, True), ((4, 3), True, True), ((2, 3, 1, 1), True, False),
 ])
@@ -380,3 +411,18 @@ def test_import_needs_no_triton():
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert sn_plugin.kernels.backend_for(torch.empty(0, device="meta")) == "reference"
+
+
+def test_layer_benchmark_quick_run_writes_its_tables(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_layer", os.path.join(REPO, "benchmarks", "bench_layer.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "layer.md"
+    runs = bench.main(["--quick", "--threads", "1", "--repeats", "1", "--out", str(out)])
+    assert set(runs) == {1} and set(runs[1]) == set(bench.QUICK_SHAPES)
+    assert all(set(rows) == {bench.FUSED, bench.REFERENCE, bench.BATCH_NORM, bench.GROUP_NORM, bench.PLAIN}
+               for rows in runs[1].values())
+    table = out.read_text()
+    assert "## 1 CPU thread" in table and "| (4, 8, 2, 5, 5) | SN (fused) |" in table and "saved MiB" in table

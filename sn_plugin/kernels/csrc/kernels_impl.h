@@ -750,11 +750,13 @@ inline void grad_sums_of_rows(const Layer& L, const T* dy, const T* x, const dou
 template <typename T>
 GradSums grad_sums_pass(const Layer& L, const T* dy, const T* x, const double* m_in,
                         const double* ln, const double* bn, const RowGrads& rows) {
-  std::vector<GradSums> partial(at::get_num_threads(), GradSums(L.N, L.C));
+  // Called inside a parallel region, parallel_for runs inline on the calling thread.
+  const bool nested = at::in_parallel_region();
+  std::vector<GradSums> partial(nested ? 1 : at::get_num_threads(), GradSums(L.N, L.C));
   at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(4 * L.C);
-    grad_sums_of_rows(L, dy, x, m_in, ln, bn, begin, end, rows, partial[at::get_thread_num()],
-                      scratch.data());
+    grad_sums_of_rows(L, dy, x, m_in, ln, bn, begin, end, rows,
+                      partial[nested ? 0 : at::get_thread_num()], scratch.data());
   });
   GradSums total = std::move(partial[0]);
   for (size_t t = 1; t < partial.size(); ++t) {
@@ -885,8 +887,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const Layer L = make_layer(x, mean_logits, var_logits, weight, std::nullopt, std::nullopt,
                              batch_stats, eps, unbiased, has_in);
   const int64_t rows = L.N * L.C;
-  std::vector<double> row_data(3 * rows);
-  const RowGrads row_grads{row_data.data(), row_data.data() + rows, row_data.data() + 2 * rows};
+  const std::unique_ptr<double[]> row_data(new double[3 * rows]);  // every entry is written
+  const RowGrads row_grads{row_data.get(), row_data.get() + rows, row_data.get() + 2 * rows};
   const double* m_in = mean_in.const_data_ptr<double>();
   const double* ln = ln_stats.const_data_ptr<double>();
   const double* bn = bn_stats.const_data_ptr<double>();

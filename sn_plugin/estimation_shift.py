@@ -224,9 +224,12 @@ def _is_history(source: Union[Report, History]) -> bool:
     return isinstance(source, Mapping)
 
 
-def write_estimation_shift_csv(source: Union[Report, History], path: str) -> None:
+def write_estimation_shift_csv(source: Union[Report, History], path: str, step: str = "epoch") -> None:
     """Write a report, or a history ``{epoch: report}`` (with an ``epoch`` first column), as CSV
-    (atomically): ``[epoch,] index, layer, kind, channels, samples, esm_mu, esm_sigma``."""
+    (atomically): ``[epoch,] index, layer, kind, channels, samples, esm_mu, esm_sigma``.
+
+    ``step`` names the history's keys (the first column): ``"epoch"``, or e.g. ``"iteration"``
+    for a training measured every N iterations."""
     history = source if _is_history(source) else None
 
     def rows(report, prefix):
@@ -235,7 +238,7 @@ def write_estimation_shift_csv(source: Union[Report, History], path: str) -> Non
 
     def write(f):
         writer = csv.writer(f)
-        writer.writerow((["epoch"] if history is not None else []) + _CSV_COLUMNS)
+        writer.writerow(([step] if history is not None else []) + _CSV_COLUMNS)
         if history is None:
             writer.writerows(rows(source, []))
         else:
@@ -276,12 +279,13 @@ def plot_estimation_shift(report: Report, title: Optional[str] = None):
     return figure
 
 
-def plot_estimation_shift_history(history: History, title: Optional[str] = None, axes=None):
+def plot_estimation_shift_history(history: History, title: Optional[str] = None, axes=None, step: str = "epoch"):
     """ESM_mu and ESM_sigma of every layer against epoch, one line per layer coloured by its depth
     (the paper's Figs. 2-5 (b, c)).
 
-    ``history`` maps epoch -> report (layers are matched by name). Draws into ``axes`` (two
-    matplotlib axes) when given, else returns a new ``Figure``.
+    ``history`` maps epoch -> report (layers are matched by name); ``step`` labels the x axis
+    (e.g. ``"iteration"``). Draws into ``axes`` (two matplotlib axes) when given, else returns
+    a new ``Figure``.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -305,7 +309,7 @@ def plot_estimation_shift_history(history: History, title: Optional[str] = None,
         for name, position in order.items():
             points = [(e, getattr(r, field)) for e in epochs for r in history[e] if r.name == name]
             ax.plot([p[0] for p in points], [p[1] for p in points], color=colours(depth(position)), linewidth=1.0)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(step)
         ax.set_ylabel(label)
         ax.grid(linewidth=0.4, alpha=0.5)
     owner = figure if figure is not None else axes[-1].figure

@@ -5,10 +5,12 @@
   iterations and after the last one", and the estimate with its progress lines;
 * :class:`Patch` / :class:`PatchSet`: every change an adapter makes to a
   toolkit's internals, installed by one call, checked against the toolkit
-  version it was written for, and undone by one call.
+  version it was written for, and undone by one call;
+* :class:`EstimationShiftLog`: what both ``EstimationShiftHook`` s record, write and log.
 """
 import importlib.metadata
 import logging
+import os
 import re
 import sys
 import threading
@@ -19,11 +21,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from torch import nn
 
 from ..batch_stats import LayerStatsReport, recompute_batch_stats
+from ..estimation_shift import LayerShift, plot_estimation_shift_history, save_figure, write_estimation_shift_csv
 from ..introspection import switch_norm_layers
 from ..switchable_norm import FrozenSwitchNorm
 
 __all__ = [
-    "DEFAULT_INCLUDE_BATCHNORM", "DEFAULT_NUM_BATCHES", "Patch", "PatchSet", "describe_missing",
+    "DEFAULT_INCLUDE_BATCHNORM", "DEFAULT_NUM_BATCHES", "EstimationShiftLog", "Patch", "PatchSet", "describe_missing",
     "estimate_batch_statistics", "is_due", "missing_batch_statistics", "replace_attribute", "toolkit_version",
     "unwrap_model",
 ]
@@ -185,3 +188,56 @@ class PatchSet:
     def installed(self) -> Tuple[str, ...]:
         """The targets of the installed patches, in installation order."""
         return tuple(patch.target for patch, _ in self._undo)
+
+
+# ---------------------------------------------------------------------------- estimation shift
+
+class EstimationShiftLog:
+    """The estimation shift of a model over its training, as both ``EstimationShiftHook`` s keep it.
+
+    :meth:`record` adds one measurement (a :func:`sn_plugin.estimation_shift` report) at a
+    step (an epoch, or an iteration), rewrites ``<folder>/estimation_shift.csv`` (every
+    layer at every step so far) and ``estimation_shift.png`` (each layer's ESM against the
+    step, the paper's Figs. 2-5), and returns the four scalars the hooks send to the
+    toolkit's metrics; :meth:`summary` is the hooks' log line.
+
+    Args:
+        step: what the steps are, ``"epoch"`` or ``"iteration"`` (the CSV's first column and
+            the figure's x axis).
+        plot: draw the figure (matplotlib) after every measurement.
+    """
+
+    FILE_STEM = "estimation_shift"
+
+    def __init__(self, step: str = "epoch", plot: bool = True) -> None:
+        self.step = step
+        self.plot = plot
+        self.history: Dict[int, List[LayerShift]] = {}
+
+    def record(self, step: int, report: List[LayerShift], folder: Optional[str]) -> Dict[str, float]:
+        """Keep ``report`` as the measurement at ``step``; write the files into ``folder``
+        (None: no files, e.g. on processes other than the main one). Returns the scalars."""
+        self.history[step] = report
+        if folder is not None:
+            stem = os.path.join(folder, self.FILE_STEM)
+            write_estimation_shift_csv(self.history, stem + ".csv", step=self.step)
+            if self.plot:
+                save_figure(plot_estimation_shift_history(self.history, step=self.step), stem + ".png", dpi=110)
+        return self.scalars(report)
+
+    @staticmethod
+    def scalars(report: List[LayerShift], prefix: str = "esm") -> Dict[str, float]:
+        """Mean and maximum over the layers of ESM_mu and ESM_sigma: ``{prefix}/mu_mean`` ..."""
+        values = {"mu": [r.esm_mu for r in report], "sigma": [r.esm_sigma for r in report]}
+        return {f"{prefix}/{name}_{kind}": (sum(v) / len(v) if kind == "mean" else max(v))
+                for name, v in values.items() for kind in ("mean", "max")}
+
+    def summary(self, source: str, step: int, report: List[LayerShift]) -> str:
+        """One line: where the largest shifts are and the means over the layers."""
+        worst_mu = max(report, key=lambda r: r.esm_mu)
+        worst_sigma = max(report, key=lambda r: r.esm_sigma)
+        scalars = self.scalars(report)
+        return (f"{source}: estimation shift after {self.step} {step} over {len(report)} layers: "
+                f"ESM_mu mean {scalars['esm/mu_mean']:.4g}, max {worst_mu.esm_mu:.4g} ({worst_mu.name}); "
+                f"ESM_sigma mean {scalars['esm/sigma_mean']:.4g}, max {worst_sigma.esm_sigma:.4g} "
+                f"({worst_sigma.name})")

@@ -19,6 +19,11 @@ makes SN behave in OpenMMLab configs the way BatchNorm does:
 * hooks ``SNBatchStatsHook`` (the paper's batch-average statistics whenever the
   model is evaluated or saved) and ``SNWeightLoggerHook`` (importance weights
   per stage as scalars for the visualizer, e.g. TensorBoard) (:mod:`.hooks`).
+* the normalization family (:mod:`.family`): norm types ``CN``, ``CN1d``,
+  ``CN2d``, ``CN3d`` (Consistent Normalization), ``ConsistentNormModel`` (CN's
+  training, Algorithm 1 or a branch per dataset) with the transform
+  ``CNBranchTag``, backbones ``XBNResNet`` / ``XBNResNeXt`` (XBNBlock) for mmdet,
+  mmseg and mmpretrain, and ``EstimationShiftHook`` (estimation shift per epoch).
 
 What needs no code here, and is tested: ``frozen_stages`` (the backbones put
 frozen stages in eval mode and stop their gradients, SN included), default
@@ -29,14 +34,21 @@ and ``revert_sync_batchnorm``, which only touch BatchNorm classes and so leave
 SN as it is. To synchronise SN across GPUs, use ``type='SyncSN'`` or
 :func:`sn_plugin.convert_sync_sn`.
 """
+from .family import (
+    CN_NORM_TYPES, CNBranchTag, ConsistentNormModel, EstimationShiftHook, XBN_BACKBONES, register_family_types,
+)
 from .hooks import SNBatchStatsHook, SNWeightLoggerHook, training_forward
 from .optim import SNOptimWrapperConstructor
 from .registration import NORM_TYPES, install_patches, installed_patches, register_norm_types, uninstall_patches
+from .train import prepare_cpu_distributed
 
 __all__ = [
+    "CN_NORM_TYPES", "CNBranchTag", "ConsistentNormModel", "EstimationShiftHook", "XBN_BACKBONES",
+    "register_family_types",
     "NORM_TYPES", "SNBatchStatsHook", "SNOptimWrapperConstructor", "SNWeightLoggerHook", "install_patches",
-    "installed_patches", "register_norm_types", "training_forward", "uninstall_patches",
+    "installed_patches", "prepare_cpu_distributed", "register_norm_types", "training_forward", "uninstall_patches",
 ]
 
 register_norm_types()
+register_family_types()
 install_patches()

@@ -35,14 +35,20 @@ NORM_TYPES: Dict[str, type] = {
 def register_norm_types() -> None:
     """Register :data:`NORM_TYPES` in mmengine's root ``MODELS`` (idempotent)."""
     for name, cls in NORM_TYPES.items():
-        registered = MODELS.module_dict.get(name)
-        if registered is None:
-            MODELS.register_module(name, module=cls)
-        elif registered is not cls:
-            raise KeyError(
-                f"mmengine's MODELS registry already holds a different '{name}' ({registered.__module__}."
-                f"{registered.__qualname__}); sn_plugin cannot register Switchable Normalization under that "
-                f"name. Remove the other registration from your custom_imports.")
+        register_once(MODELS, name, cls)
+
+
+def register_once(registry, name: str, obj) -> None:
+    """Register ``obj`` in one of mmengine's registries under ``name``, unless it is there already
+    (idempotent); another object under that name is refused."""
+    registered = registry.module_dict.get(name)
+    if registered is None:
+        registry.register_module(name, module=obj)
+    elif registered is not obj:
+        raise KeyError(
+            f"mmengine's '{registry.name}' registry already holds a different '{name}' "
+            f"({registered.__module__}.{registered.__qualname__}); sn_plugin cannot register its "
+            f"{obj.__qualname__} under that name. Remove the other registration from your custom_imports.")
 
 
 _INHERITED_TRAIN = BaseModule.train  # torch's nn.Module.train: mmengine 0.10's BaseModule has none of its own

@@ -23,6 +23,10 @@ docs/architecture.md). The rest changes nothing of detectron2:
 * :mod:`.hooks`: :class:`SNBatchStatsHook` (batch-average statistics before
   evaluation, the paper's inference method) and :class:`SNWeightLoggerHook`
   (importance weights into detectron2's metrics), named as in the OpenMMLab adapter;
+* :mod:`.family`: the normalization family: ``NORM: "CN"`` (Consistent
+  Normalization, ``MODEL.CN``), the backbones ``build_xbn_resnet_backbone`` /
+  ``build_xbn_resnet_fpn_backbone`` (XBNBlock, ``MODEL.XBN``) and
+  :class:`EstimationShiftHook` (``TEST.ESM``);
 * :mod:`.trainer`: :class:`SNTrainer`, a ``DefaultTrainer`` with all of it;
 * :mod:`.train_net`: the training command (``tools/train_net_d2.py``);
   :mod:`.lazy_train_net`, the LazyConfig one (``tools/lazyconfig_train_net_d2.py``).
@@ -33,6 +37,9 @@ from ...switchable_norm import FrozenSwitchNorm
 from .config import (
     SNCfgNode, add_sn_config, get_sn_cfg, get_sn_config_file, get_sn_lazy_config, layer_options_from_cfg, sn_norm,
 )
+from .family import (
+    EstimationShiftHook, build_xbn_resnet_backbone, build_xbn_resnet_fpn_backbone, cn_layer_options,
+)
 from .hooks import SNBatchStatsHook, SNWeightLoggerHook
 from .registration import (
     LAYER_OPTIONS, NORM_TYPES, PATCHES, get_norm, is_registered, register, sn_layer_options, unregister,
@@ -41,6 +48,7 @@ from .solver import build_optimizer, get_default_optimizer_params
 from .trainer import SNTrainer
 
 __all__ = [
+    "EstimationShiftHook", "build_xbn_resnet_backbone", "build_xbn_resnet_fpn_backbone", "cn_layer_options",
     "LAYER_OPTIONS", "NORM_TYPES", "PATCHES", "FrozenSwitchNorm", "SNBatchStatsHook", "SNCfgNode", "SNTrainer",
     "SNWeightLoggerHook", "add_sn_config", "build_optimizer", "get_default_optimizer_params", "get_norm",
     "get_sn_cfg", "get_sn_config_file", "get_sn_lazy_config", "is_registered", "layer_options_from_cfg", "register",

@@ -23,6 +23,7 @@ from torch import nn
 from ...switchable_norm import SwitchNormBase
 from .. import config_files
 from ..common import DEFAULT_INCLUDE_BATCHNORM, DEFAULT_NUM_BATCHES
+from .family import FAMILY_CONFIG_KEYS
 from .hooks import DEFAULT_LOG_PERIOD
 from .registration import LAYER_OPTIONS, NORM_TYPES
 
@@ -50,12 +51,15 @@ def add_sn_config(cfg: CfgNode) -> CfgNode:
       batch-average statistics before every evaluation and at the end of
       training (like ``TEST.PRECISE_BN``), from NUM_ITER training batches per
       process, also for BatchNorm layers that train when INCLUDE_BN.
+    * The normalization family's ``MODEL.CN``, ``MODEL.XBN`` and ``TEST.ESM``
+      (:data:`~sn_plugin.integrations.detectron2.family.FAMILY_CONFIG_KEYS`).
     """
     node = type(cfg)  # new nodes of the config's own class, or merging a file into them fails
     keys = {
         ("MODEL", "SN"): {**_layer_option_keys(), "IMPORTANCE_LOG_PERIOD": DEFAULT_LOG_PERIOD},
         ("TEST", "SN_BATCH_STATS"): {"ENABLED": False, "NUM_ITER": DEFAULT_NUM_BATCHES,
                                      "INCLUDE_BN": DEFAULT_INCLUDE_BATCHNORM},
+        **FAMILY_CONFIG_KEYS,
     }
     was_frozen = cfg.is_frozen()
     cfg.defrost()

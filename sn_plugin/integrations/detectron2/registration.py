@@ -20,7 +20,7 @@ both checked against detectron2 0.6 and both undone by :func:`unregister`:
 import contextlib
 import sys
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import detectron2.layers.batch_norm as d2_batch_norm
 import detectron2.modeling  # noqa: F401  (loads the modules that hold get_norm by name)
@@ -32,6 +32,9 @@ from ..common import Patch, PatchSet, replace_attribute
 
 # The norm names this adapter adds to detectron2's get_norm, and the layer each builds.
 NORM_TYPES = {"SN": SwitchNorm2d, "SyncSN": SyncSwitchNorm}
+# Further norm names, with the function building each from the channel count; filled by the
+# adapter's other modules when imported (family.py: "CN").
+NORM_BUILDERS: Dict[str, Callable[[int], nn.Module]] = {}
 
 # The SN layer options a config may set: every constructor argument of the core layers
 # except the channel count, which get_norm passes.
@@ -72,19 +75,21 @@ def sn_layer_options(**options) -> Iterator[None]:
 
 
 def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
-    """Detectron2's ``get_norm`` that also knows ``"SN"`` and ``"SyncSN"``.
+    """Detectron2's ``get_norm`` that also knows ``"SN"`` and ``"SyncSN"`` (and :data:`NORM_BUILDERS`' names).
 
     Every other name or callable goes to detectron2's own ``get_norm``, so
     unknown names fail with detectron2's own error.
     """
-    if isinstance(norm, str) and norm in NORM_TYPES:
+    if isinstance(norm, str) and (norm in NORM_TYPES or norm in NORM_BUILDERS):
         if not is_registered():
             raise KeyError(
-                f"Norm {norm!r} is sn_plugin's Switchable Normalization, which is not registered with "
+                f"Norm {norm!r} is sn_plugin's, which is not registered with "
                 f"detectron2 in this process. Call sn_plugin.integrations.detectron2.register() (importing "
                 f"sn_plugin.integrations.detectron2 does it) before building the model, or pass the class "
                 f"itself (norm=sn_plugin.SwitchNorm2d)."
             )
+        if norm in NORM_BUILDERS:
+            return NORM_BUILDERS[norm](out_channels)
         return NORM_TYPES[norm](out_channels, **_layer_options())
     return _DETECTRON2_GET_NORM(norm, out_channels)
 

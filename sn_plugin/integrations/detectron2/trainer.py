@@ -12,6 +12,7 @@ from torch import nn
 
 from ..common import describe_missing, missing_batch_statistics, unwrap_model
 from .config import layer_options_from_cfg
+from .family import estimation_shift_hook, family_layer_options
 from .hooks import SNBatchStatsHook, SNWeightLoggerHook
 from .registration import sn_layer_options
 from .solver import build_optimizer
@@ -41,8 +42,9 @@ class SNTrainer(DefaultTrainer):
       parameters (:func:`~sn_plugin.integrations.detectron2.build_optimizer`);
     * adds :class:`SNBatchStatsHook` (``TEST.SN_BATCH_STATS``) where detectron2
       puts PreciseBN, i.e. before checkpointing and evaluation, and
-      :class:`SNWeightLoggerHook` (``MODEL.SN.IMPORTANCE_LOG_PERIOD``) before
-      the writers;
+      :class:`SNWeightLoggerHook` (``MODEL.SN.IMPORTANCE_LOG_PERIOD``) and the
+      family's ``EstimationShiftHook`` (``TEST.ESM``) before the writers; builds
+      ``NORM: "CN"`` layers with the ``MODEL.CN`` options;
     * evaluates COCO-format datasets with ``COCOEvaluator`` (its fast C++ mode
       only when detectron2's extension is compiled).
 
@@ -51,7 +53,7 @@ class SNTrainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        with sn_layer_options(**layer_options_from_cfg(cfg)):
+        with sn_layer_options(**layer_options_from_cfg(cfg)), family_layer_options(cfg):
             return super().build_model(cfg)
 
     @classmethod
@@ -83,6 +85,9 @@ class SNTrainer(DefaultTrainer):
         if cfg.MODEL.SN.IMPORTANCE_LOG_PERIOD > 0:
             writer = SNWeightLoggerHook(self.model, cfg.MODEL.SN.IMPORTANCE_LOG_PERIOD)
             ret.insert(_first_index(ret, (hooks.PeriodicWriter,)), writer)
+        esm = estimation_shift_hook(cfg, self.model, self.build_test_loader)
+        if esm is not None:
+            ret.insert(_first_index(ret, (hooks.PeriodicWriter,)), esm)
         return ret
 
     @classmethod

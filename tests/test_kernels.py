@@ -43,7 +43,8 @@ def randomised(layer, seed=0):
 
 def test_cpp_kernels_are_built():
     """The project's set-up builds the extension (pip install -e . --no-build-isolation)."""
-    assert kernels.CPU_KERNELS_MISSING is None, kernels.CPU_KERNELS_MISSING
+    assert kernels.CPU_KERNELS_MISSING is None, (
+        f"the C++ kernels are not built ({kernels.CPU_KERNELS_MISSING}): {kernels.HOW_TO_BUILD}")
     from sn_plugin.kernels import _C
 
     assert _C.cpu_capability() in ("AVX512", "AVX2", "DEFAULT")

@@ -8,12 +8,14 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 from torch import nn
 
-from ..common import describe_missing, missing_batch_statistics, unwrap_model
+from ..common import PatchSet, describe_missing, missing_batch_statistics, unwrap_model
 from .config import layer_options_from_cfg
 from .family import estimation_shift_hook, family_layer_options
 from .hooks import SNBatchStatsHook, SNWeightLoggerHook
+from .launch import CPU_DDP
 from .registration import sn_layer_options
 from .solver import build_optimizer
 
@@ -46,10 +48,36 @@ class SNTrainer(DefaultTrainer):
       family's ``EstimationShiftHook`` (``TEST.ESM``) before the writers; builds
       ``NORM: "CN"`` layers with the ``MODEL.CN`` options;
     * evaluates COCO-format datasets with ``COCOEvaluator`` (its fast C++ mode
-      only when detectron2's extension is compiled).
+      only when detectron2's extension is compiled);
+    * in several CPU processes (``MODEL.DEVICE: cpu``, started by
+      :func:`sn_plugin.integrations.detectron2.launch.launch`), wraps the model
+      in DistributedDataParallel without ``device_ids``, which detectron2 0.6
+      passes and a CPU model refuses (:data:`~.launch.CPU_DDP`, installed
+      only while the trainer is being built);
+    * checkpoints the optimizer's state (e.g. SGD's momentum) with the
+      iteration, so ``--resume`` continues it: detectron2 0.6's
+      ``DefaultTrainer`` saves only the iteration and the hooks' state. The
+      key, ``trainer._trainer``, is the one later detectron2 versions use.
 
     The config must have the SN keys (:func:`get_sn_cfg` / :func:`add_sn_config`).
     """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        patches = PatchSet()
+        if comm.get_world_size() > 1 and torch.device(cfg.MODEL.DEVICE).type == "cpu":
+            patches.install([CPU_DDP])
+        try:
+            super().__init__(cfg)
+        finally:
+            patches.uninstall()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "_trainer": self._trainer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:  # absent from checkpoints of detectron2's own DefaultTrainer
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:

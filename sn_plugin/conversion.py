@@ -421,41 +421,80 @@ def _batch_norm_from(sn: SwitchNormBase) -> _BatchNorm:
     return bn
 
 
+def _group_norm_from(sn: SwitchNormBase, num_groups: int) -> nn.GroupNorm:
+    """GroupNorm with one group per channel (= IN) or one group (= LN), with the SN layer's affine."""
+    gn = nn.GroupNorm(num_groups, sn.num_features, sn.eps, sn.affine, device="meta")
+    for name in ("weight", "bias"):
+        setattr(gn, name, getattr(sn, name))
+    gn.train(sn.training)
+    return gn
+
+
+def _plain_layer_for(sn: SwitchNormBase, choice: int) -> Optional[nn.Module]:
+    """The torch layer that computes exactly what ``sn`` computes when it uses branch ``choice`` for
+    both statistics; None where there is none."""
+    if isinstance(sn, FrozenSwitchNorm) or sn.unbiased_instance_var:
+        return None  # frozen layers stay frozen; torch's layers have no unbiased instance variance
+    if choice == BN:
+        return _batch_norm_from(sn)
+    if choice == LN:
+        return _group_norm_from(sn, 1)
+    # IN: GroupNorm(C, C), unless the layer may see (N, C) inputs, which have no IN branch
+    return _group_norm_from(sn, sn.num_features) if 2 not in sn._expected_dims else None
+
+
+def _hard_choice(logits: Tensor) -> int:
+    """Make ``logits`` a hard one-hot choice of their argmax, for inputs with spatial dimensions and
+    for (N, C) inputs alike (those ignore the IN logit and choose the stronger of the others);
+    returns the choice. Where the two differ (IN is the argmax) the layer stays SN."""
+    choice = int(logits.argmax())
+    channels_only_choice = 1 + int(logits[1:].argmax())
+    logits.fill_(-2 * _HARD_MARGIN)
+    logits[channels_only_choice] = -_HARD_MARGIN
+    logits[choice] = 0.0
+    return choice
+
+
 def sparsify(model: nn.Module, freeze: bool = True) -> nn.Module:
     """A copy of ``model`` as sparse SN: each layer keeps only its strongest normalizer.
 
     The paper's sparse SN (Sec. 2.1, "Variants of SN"): per SN layer, the
     argmax of the importance weights is chosen, separately for the mean and
     for the variance, and the logits become a hard one-hot choice (a logit gap
-    so large that the other branches weigh exactly 0). The layer then computes one
+    so large that the other branches weigh exactly 0; for (N, C) inputs, which
+    have no IN branch, the stronger of LN and BN). The layer then computes one
     normalizer's statistics, which is cheaper and deploys like a plain one.
 
-    With ``freeze`` (default) the choice is fixed for fine-tuning: the logits
-    stop requiring gradients, and a layer that chose BN for both statistics is
-    replaced by the equivalent BatchNorm (``SyncBatchNorm`` for a synchronized
-    layer, :class:`BatchNormXd` for a rank-free one), which in eval is a plain
-    per-channel affine that can be fused into the preceding convolution, and
-    which in training keeps SN's BN branch behaviour (batch statistics and
-    running averages with the layer's momentum). Without ``freeze`` every layer
-    stays SN with trainable logits (their gradients vanish at a hard choice, so
-    the choice stays in practice; use it when a checkpoint or optimizer expects
-    the parameters). ``model`` is not modified.
+    With ``freeze`` (default) the choice is fixed for fine-tuning and
+    deployment: the logits stop requiring gradients, and a layer that chose the
+    same normalizer for both statistics becomes the torch layer that computes
+    exactly that: BN -> BatchNorm (``SyncBatchNorm`` for a synchronized layer,
+    :class:`BatchNormXd` for a rank-free one; in eval a per-channel affine that
+    can be fused into the preceding convolution; in training SN's BN branch
+    behaviour, batch statistics and running averages with the layer's
+    momentum), LN -> ``GroupNorm(1, C)``, IN -> ``GroupNorm(C, C)`` (only for
+    layers that cannot receive (N, C) inputs). Such a model exports (ONNX,
+    ``torch.export``) as plain normalization operators. Layers that keep SN:
+    a mixed choice (e.g. IN means with BN variances), ``FrozenSwitchNorm``, and
+    layers in the authors' convention (``unbiased_instance_var=True``), whose
+    unbiased instance variance no torch layer computes. Without ``freeze`` every
+    layer stays SN with trainable logits (their gradients vanish at a hard
+    choice, so the choice stays in practice; use it when a checkpoint or
+    optimizer expects the parameters). ``model`` is not modified.
     """
 
     def convert(name, module):
         if not isinstance(module, SwitchNormBase):
             return None
         with torch.no_grad():
-            for logits in (module.mean_weight, module.var_weight):
-                choice = int(logits.argmax())
-                logits.fill_(-_HARD_MARGIN)
-                logits[choice] = 0.0
-        chose_bn = module.using_bn and int(module.mean_weight.argmax()) == BN == int(module.var_weight.argmax())
+            mean_choice = _hard_choice(module.mean_weight)
+            var_choice = _hard_choice(module.var_weight)
         if freeze:
             module.mean_weight.requires_grad_(False)
             module.var_weight.requires_grad_(False)
-            if chose_bn and not isinstance(module, FrozenSwitchNorm):
-                return _batch_norm_from(module)
+            plain = _plain_layer_for(module, mean_choice) if mean_choice == var_choice else None
+            if plain is not None:
+                return plain
         return module
 
     return _replace_modules(model, convert)

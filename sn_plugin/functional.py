@@ -431,6 +431,10 @@ def switch_norm(
             f"switch_norm: mean_logits and var_logits must both have 3 entries [IN, LN, BN] "
             f"or 2 [IN, LN]; got {mean_logits.numel()} and {var_logits.numel()}"
         )
+    if torch.compiler.is_exporting() and (
+            torch.onnx.is_in_onnx_export() or kernels.backend_for(input) == "reference"):
+        return _traceable_switch_norm(input, running_mean, running_var, mean_logits, var_logits, weight, bias,
+                                      training, momentum, eps, process_group, unbiased_instance_var)
     if kernels.backend_for(input) != "reference":
         return kernels.switch_norm(input, running_mean, running_var, mean_logits, var_logits, weight, bias,
                                    training, momentum, eps, process_group, unbiased_instance_var)
@@ -449,6 +453,64 @@ def switch_norm(
         else:
             out, _ = _forward(x3, *args)
     return kernels.restore_layout(out.view(input.shape), input)
+
+
+def _traceable_switch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                           mean_logits: Tensor, var_logits: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           training: bool, momentum: float, eps: float, process_group,
+                           unbiased_instance_var: bool) -> Tensor:
+    """SN in plain tensor operations with no branch on data: what ``torch.export`` records when
+    the fused operators are not used, and what ONNX export records (ONNX has no SN operator).
+
+    The same maths as :func:`_forward`, in the input's floating precision (float32 for
+    float16/bfloat16), with no custom autograd Function and no in-place output buffer.
+    """
+    if process_group is not None:
+        raise RuntimeError(
+            "switch_norm: a synchronized SN layer cannot be exported while it trains (its statistics "
+            "need the other processes); export the model in eval mode, or after sn_plugin.revert_sync_sn.")
+    n, c = input.shape[0], input.shape[1]
+    has_instance = input.dim() > 2
+    x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+    x3 = x.reshape(n, c, -1)
+    s = x3.shape[-1]
+    if has_instance:
+        var_in, mean_in = torch.var_mean(x3, dim=-1, correction=1 if unbiased_instance_var and s > 1 else 0)
+    else:
+        mean_in, var_in = x3[..., 0], torch.zeros_like(x3[..., 0])
+    sample_variances = unbiased_instance_var and not has_instance
+    mean_ln = mean_in.mean(1, keepdim=True)
+    var_ln = (var_in + (mean_in - mean_ln).square()).mean(1, keepdim=True)
+    if sample_variances:
+        var_ln = var_ln * _sample_correction(float(c))
+    means, variances = [mean_in, mean_ln], [var_in, var_ln]
+    if mean_logits.numel() == 3:
+        if training or running_mean is None:
+            mean_bn = mean_in.mean(0, keepdim=True)
+            var_bn = (var_in + (mean_in - mean_bn).square()).mean(0, keepdim=True)
+            if sample_variances:
+                var_bn = var_bn * _sample_correction(float(n))
+            if training and running_mean is not None:
+                _update_running_stats(running_mean, running_var, mean_bn.detach(), var_bn.detach(), float(n * s),
+                                      momentum, unbiased_instance_var)
+        else:
+            mean_bn, var_bn = running_mean.view(1, c).to(x.dtype), running_var.view(1, c).to(x.dtype)
+        means.append(mean_bn)
+        variances.append(var_bn)
+
+    def mixed(logits: Tensor, statistics: List[Tensor]) -> Tensor:
+        weights = logits.to(x.dtype).softmax(0) if has_instance else torch.cat(
+            [logits.new_zeros(1, dtype=x.dtype), logits[1:].to(x.dtype).softmax(0)])
+        return sum(weights[k] * statistics[k] for k in range(len(statistics)))
+
+    scale = (mixed(var_logits, variances) + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.to(x.dtype)
+    shift = -mixed(mean_logits, means) * scale
+    if bias is not None:
+        shift = shift + bias.to(x.dtype)
+    out = x3 * scale.unsqueeze(-1) + shift.unsqueeze(-1)
+    return out.reshape(input.shape).to(input.dtype)
 
 
 @torch.no_grad()

@@ -316,6 +316,40 @@ def test_sparse_bn_layer_is_a_batch_norm_computing_the_same(training):
                                    + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1))
 
 
+@pytest.mark.parametrize("branch, groups", [(0, 4), (1, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_sparse_in_and_ln_layers_are_group_norms_computing_the_same(branch, groups, training):
+    logits = [0.0, 0.0, 0.0]
+    logits[branch] = 3.0
+    sn = with_logits(randomise_norm(SwitchNorm2d(4)), logits, logits)
+    hard = sparsify(sn, freeze=False)
+    plain = sparsify(sn).train(training)
+    assert type(plain) is nn.GroupNorm and plain.num_groups == groups
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    torch.testing.assert_close(plain(x), hard.train(training)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_layers_that_may_see_channel_only_inputs():
+    """(N, C) inputs have no IN branch: a layer that chose IN keeps SN, and its hard choice
+    for (N, C) inputs is the stronger of LN and BN, not a blend of them."""
+    sn = with_logits(randomise_norm(SwitchNorm1d(4)), [3.0, 1.0, 0.0], [3.0, 0.0, 1.0])
+    sparse = sparsify(sn)
+    assert type(sparse) is SwitchNorm1d
+    x = torch.randn(6, 4) * 2 + 1
+    ln_mean = x.mean(1, keepdim=True)
+    bn_var = sparse.running_var  # eval: BN variance from the running statistics
+    expected = (x - ln_mean) / (bn_var + sparse.eps).sqrt() * sparse.weight + sparse.bias
+    torch.testing.assert_close(sparse.eval()(x), expected, rtol=1e-5, atol=1e-5)
+    ln = sparsify(with_logits(randomise_norm(SwitchNorm1d(4)), [0.0, 3.0, 1.0], [0.0, 3.0, 1.0])).eval()
+    assert type(ln) is nn.GroupNorm and ln.num_groups == 1
+    ln(x)
+
+
+def test_layers_in_the_authors_convention_stay_switch_norm():
+    sn = with_logits(randomise_norm(SwitchNorm2d(4, unbiased_instance_var=True)), [0.0, 1.0, 3.0], [0.0, 0.2, 3.0])
+    assert type(sparsify(sn)) is SwitchNorm2d
+
+
 def test_sparsify_sync_and_rank_free_layers_and_without_freezing():
     bn_logits = ([0.0, 1.0, 3.0], [0.0, 0.2, 3.0])
     group = object()

@@ -334,3 +334,17 @@ def test_coco_evaluator_is_fast_only_with_detectron2s_compiled_extension(tiny_co
     assert evaluator(L(COCOEvaluator)(dataset_name=DATASET, use_fast_impl=True))._use_fast_impl  # the config's word
     (listed,) = evaluator([L(COCOEvaluator)(dataset_name=DATASET, use_fast_impl=False)])
     assert isinstance(listed, COCOEvaluator)
+
+
+def test_num_processes_trains_on_cpu_and_refuses_a_gpu_device(tmp_path):
+    """--num-processes is shared with tools/train_net_d2.py (tested end to end there): here, that the
+    lazy command takes it, trains on the CPU, and says why a GPU device on the command line cannot be."""
+    name = "COCO-Detection/faster_rcnn_R_50_FPN_1x_sn.py"
+    parser = lazy_train_net.argument_parser()
+    args = parser.parse_args(["--config-file", lazy_train_net.config_file_path(name), "--num-processes", "2",
+                              f"train.output_dir={tmp_path}"])
+    assert lazy_train_net.setup(args).train.device == "cpu"
+    args = parser.parse_args(["--config-file", lazy_train_net.config_file_path(name), "--num-processes", "2",
+                              "train.device=cuda", f"train.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="--num-processes trains on CPU"):
+        lazy_train_net.setup(args)

@@ -15,8 +15,13 @@ model. This module has the CPU counterparts; GPU training stays detectron2's:
   installed only while an :class:`~sn_plugin.integrations.detectron2.SNTrainer`
   is being built).
 
-``tools/train_net_d2.py --num-processes N`` uses both.
+* :func:`argument_parser` / :func:`launch_from_args`: detectron2's argument parser with
+  ``--num-processes``, and the launch (GPU processes through detectron2, CPU processes
+  through :func:`launch`) that both train commands use.
+
+``tools/train_net_d2.py`` and ``tools/lazyconfig_train_net_d2.py`` take ``--num-processes N``.
 """
+import argparse
 import os
 import socket
 from datetime import timedelta
@@ -25,14 +30,16 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import default_argument_parser
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import launch as launch_on_gpus
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 from torch import nn
 
 from ..common import Patch, PatchSet, replace_attribute
 
-__all__ = ["CPU_DDP", "create_ddp_model", "launch"]
+__all__ = ["CPU_DDP", "argument_parser", "create_ddp_model", "launch", "launch_from_args"]
 
 _DETECTRON2_CREATE_DDP_MODEL = d2_defaults.create_ddp_model
 
@@ -124,3 +131,26 @@ def _worker(local_rank: int, main_func: Callable, world_size: int, per_machine: 
     finally:
         patches.uninstall()
         dist.destroy_process_group()
+
+
+def argument_parser(epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Detectron2's ``default_argument_parser`` with ``--num-processes``."""
+    parser = default_argument_parser(epilog)
+    parser.add_argument("--num-processes", type=int, default=0, metavar="N",
+                        help="train in N CPU processes *per machine* (gloo) instead of on --num-gpus GPUs")
+    return parser
+
+
+def launch_from_args(main_func: Callable, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Run ``main_func(args)`` in ``--num-gpus`` GPU processes (detectron2's ``launch``) or in
+    ``--num-processes`` CPU processes per machine (:func:`launch`); clear errors for impossible requests."""
+    if args.num_processes < 0:
+        parser.error(f"--num-processes must be positive, got {args.num_processes}")
+    if args.num_processes and args.num_gpus > 1:
+        parser.error("--num-processes (CPU processes) and --num-gpus (GPU processes) exclude each other; give one.")
+    if args.num_gpus > 1 and not torch.cuda.is_available():
+        parser.error(f"--num-gpus {args.num_gpus}: no GPU is visible (torch.cuda.is_available() is False). To train "
+                     f"in {args.num_gpus} CPU processes, use --num-processes {args.num_gpus}.")
+    run, per_machine = (launch, args.num_processes) if args.num_processes else (launch_on_gpus, args.num_gpus)
+    run(main_func, per_machine, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        dist_url=args.dist_url, args=(args,))

@@ -1,6 +1,7 @@
 """Detectron2's LazyConfig training/evaluation command (its ``tools/lazyconfig_train_net.py``), with SN.
 
-The same arguments as detectron2's script::
+The same arguments as detectron2's script, plus ``--num-processes N`` (N CPU processes over
+gloo, as in ``tools/train_net_d2.py``)::
 
     python tools/lazyconfig_train_net_d2.py --num-gpus 8 \\
         --config-file configs/detectron2/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_2x_sn.py [key=value ...]
@@ -32,10 +33,7 @@ from typing import Any, Dict, List, Optional
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer, SimpleTrainer, create_ddp_model, default_argument_parser, default_setup, default_writers, hooks,
-    launch,
-)
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -45,6 +43,7 @@ from torch import nn
 
 from ..common import describe_missing, missing_batch_statistics, unwrap_model
 from .config import get_sn_config_file
+from .launch import argument_parser, create_ddp_model, launch_from_args
 from .trainer import _compiled_ops_available
 
 _LOGGER = logging.getLogger("sn_plugin.integrations.detectron2")
@@ -63,6 +62,11 @@ def config_file_path(config_file: str) -> str:
 def setup(args) -> DictConfig:
     """The config of ``args.config_file`` with the ``key=value`` overrides; detectron2's logging and config dump."""
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.num_processes:
+        if any(opt.startswith("train.device=") for opt in args.opts) and cfg.train.device != "cpu":
+            raise ValueError(f"--num-processes trains on CPU, but the command line sets train.device="
+                             f"{cfg.train.device}; drop it, or use --num-gpus for GPUs.")
+        cfg.train.device = "cpu"
     default_setup(cfg, args)
     # sn_plugin's messages (e.g. the batch-statistics hook) in the console and log.txt like detectron2's.
     setup_logger(output=cfg.train.output_dir, distributed_rank=comm.get_rank(), name="sn_plugin")
@@ -162,16 +166,16 @@ def run(args) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Parse detectron2's training arguments and :func:`run` in ``--num-gpus`` processes per machine."""
-    parser = default_argument_parser()
+    """Parse detectron2's training arguments and :func:`run` in ``--num-gpus`` GPU processes or
+    ``--num-processes`` CPU processes per machine."""
+    parser = argument_parser()
     args = parser.parse_args(argv)
     try:
         args.config_file = config_file_path(args.config_file)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     print("Command Line Args:", args)
-    launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_from_args(run, args, parser)
 
 
 if __name__ == "__main__":

@@ -20,27 +20,17 @@ gloo (:func:`sn_plugin.integrations.detectron2.launch.launch`) and sets
 ``MODEL.DEVICE`` to ``cpu``. ``--num-gpus`` stays detectron2's (NCCL).
 """
 import argparse
+import functools
 from typing import List, Optional, Type
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, default_setup
-from detectron2.engine import launch as launch_on_gpus
+from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .config import get_sn_cfg
-from .launch import launch as launch_on_cpus
+from .launch import argument_parser, launch_from_args
 from .trainer import SNTrainer
-
-
-def argument_parser() -> argparse.ArgumentParser:
-    """Detectron2's ``default_argument_parser`` with ``--num-processes``."""
-    parser = default_argument_parser()
-    parser.add_argument("--num-processes", type=int, default=0, metavar="N",
-                        help="train in N CPU processes *per machine* (gloo; sets MODEL.DEVICE cpu) instead of on "
-                             "--num-gpus GPUs")
-    return parser
 
 
 def setup(args: argparse.Namespace):
@@ -83,15 +73,5 @@ def main(argv: Optional[List[str]] = None, trainer_class: Type[SNTrainer] = SNTr
     """
     parser = argument_parser()
     args = parser.parse_args(argv)
-    if args.num_processes < 0:
-        parser.error(f"--num-processes must be positive, got {args.num_processes}")
-    if args.num_processes and args.num_gpus > 1:
-        parser.error("--num-processes (CPU processes) and --num-gpus (GPU processes) exclude each other; give one.")
-    if args.num_gpus > 1 and not torch.cuda.is_available():
-        parser.error(f"--num-gpus {args.num_gpus}: no GPU is visible (torch.cuda.is_available() is False). To train "
-                     f"in {args.num_gpus} CPU processes, use --num-processes {args.num_gpus}.")
     print("Command Line Args:", args)
-    launch, per_machine = ((launch_on_cpus, args.num_processes) if args.num_processes
-                           else (launch_on_gpus, args.num_gpus))
-    launch(run, per_machine, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args, trainer_class))
+    launch_from_args(functools.partial(run, trainer_class=trainer_class), args, parser)

@@ -158,9 +158,12 @@ class SwitchNormBase(_NormBase):
         return self.training or self.running_mean is None
 
     def _check_bn_statistics_ready(self) -> None:
+        # Reading the counter is a host read: skipped where it would stop a graph capture
+        # (torch.compile, torch.export), which run on a model already checked in eager mode.
         if (
             not self.using_moving_average
             and not self._uses_batch_stats()
+            and not torch.compiler.is_compiling()
             and int(self.num_batches_tracked) == 0
         ):
             raise RuntimeError(

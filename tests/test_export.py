@@ -19,6 +19,7 @@ def model_with(cls, **options):
         if norm.running_mean is not None:
             norm.running_mean.normal_()
             norm.running_var.uniform_(0.5, 2.0)
+            norm.num_batches_tracked.fill_(1)
     return nn.Sequential(norm, nn.ReLU()).eval()
 
 
@@ -30,6 +31,7 @@ CASES = [(cls, {}) for cls in SHAPES] + [
     (SwitchNorm2d, dict(unbiased_instance_var=True)),
     (SwitchNorm2d, dict(using_bn=False)),
     (SwitchNorm1d, dict(unbiased_instance_var=True)),
+    (SwitchNorm2d, dict(using_moving_average=False)),  # batch-average statistics, as the demo trains
 ]
 
 

@@ -47,7 +47,7 @@ Key = Tuple[str, int, int]  # norm, schedule, seed
 
 
 def plan(norms: Sequence[str], schedules: Sequence[int], seeds: Sequence[int], runs: str, data: str,
-         quick: bool) -> List[Training]:
+         quick: bool, val_interval: int = 0) -> List[Training]:
     """Every (norm, schedule, seed) training of the demo's detector on the shapes dataset, longest first."""
     trainings = []
     for schedule in sorted(schedules, reverse=True):
@@ -55,6 +55,8 @@ def plan(norms: Sequence[str], schedules: Sequence[int], seeds: Sequence[int], r
             for norm in norms:
                 arguments = ["--dataset", "shapes", "--data", data, "--norm", norm, "--seed", str(seed),
                              "--max-iters", str(schedule), "--num-images", "3"] + (["--quick"] if quick else [])
+                if val_interval:
+                    arguments += ["--val-interval", str(val_interval)]
                 trainings.append(Training((norm, schedule, seed), arguments,
                                           os.path.join(runs, f"{norm}_{schedule}it_seed{seed}")))
     return trainings
@@ -134,6 +136,51 @@ def plot(table: Dict[str, dict], schedules: Sequence[int], path: str) -> None:
     plt.close(figure)
 
 
+def curves(results: Dict[Key, dict], norms: Sequence[str], schedule: int) -> Dict[str, Dict[str, list]]:
+    """Per norm: AP during the trainings of ``schedule`` iterations (their validations every
+    ``--val-interval``), mean and spread over the seeds at each evaluated iteration."""
+    table: Dict[str, Dict[str, list]] = {}
+    for norm in norms:
+        histories = [run.get("history", []) for (n, s, _), run in results.items() if n == norm and s == schedule]
+        iterations = sorted({h["iteration"] for history in histories for h in history})
+        table[norm] = {"iterations": iterations}
+        for kind, _ in KINDS:
+            table[norm][kind] = [mean_and_spread([h[f"{kind}_AP"] for history in histories for h in history
+                                                  if h["iteration"] == i]) for i in iterations]
+    return table
+
+
+def plot_curves(table: Dict[str, Dict[str, list]], schedule: int, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, (kind, label) in zip(axes, KINDS):
+        for norm, cells in table.items():
+            means = [c["mean"] for c in cells[kind]]
+            spreads = [c["std"] or 0.0 for c in cells[kind]]
+            axis.errorbar(cells["iterations"], means, yerr=spreads, marker="o", capsize=3, color=COLOURS.get(norm),
+                          label=norm)
+        axis.set_xlabel(f"iteration of the {schedule}-iteration training")
+        axis.set_ylabel(f"{label} AP (%) on val")
+        axis.set_title(f"{label} AP during training, mean ± std over seeds")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    save_figure_atomically(figure, path, dpi=110)
+    plt.close(figure)
+
+
+def render_curves(table: Dict[str, Dict[str, list]], schedule: int) -> str:
+    iterations = next(iter(table.values()))["iterations"]
+    rows = [[label, norm] + [format_mean_spread(c) for c in cells[kind]]
+            for kind, label in KINDS for norm, cells in table.items()]
+    return (f"\nAP during the {schedule}-iteration trainings (validation every {iterations[0]} iterations; "
+            f"mean ± std over the seeds), to see where it stops rising (`scratch_detection_curve.png`):\n\n"
+            + markdown_table(["", "norm", *[str(i) for i in iterations]], rows))
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
@@ -152,6 +199,9 @@ def main(argv=None) -> Dict[str, dict]:
     parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", "scratch_detection_runs"),
                         help="folder for the trainings' own outputs and logs")
     parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"), help="dataset folder")
+    parser.add_argument("--val-interval", type=int, default=0, metavar="N",
+                        help="also evaluate every N iterations, for AP-against-iteration curves of the longest "
+                             "schedule (default: only at the end)")
     args = parser.parse_args(argv)
     schedules = sorted(args.schedules or (QUICK_SCHEDULES if args.quick else SCHEDULES))
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
@@ -163,8 +213,8 @@ def main(argv=None) -> Dict[str, dict]:
 
     started = time.time()
     builtin_dataset("shapes", args.data, args.quick)  # made once, before the trainings that share it
-    results = run_trainings(plan(args.norms, schedules, seeds, args.runs, args.data, args.quick), args.workers,
-                            args.reuse)
+    results = run_trainings(plan(args.norms, schedules, seeds, args.runs, args.data, args.quick, args.val_interval),
+                            args.workers, args.reuse)
     wall = time.time() - started
     table = summarise(results, args.norms, schedules)
     record = machine_record(RECORDED_PACKAGES)
@@ -175,6 +225,10 @@ def main(argv=None) -> Dict[str, dict]:
         "runs": [{"norm": n, "iterations": s, "seed": seed, "bbox": r["bbox"], "segm": r["segm"],
                   "train_minutes": r["train_minutes"]} for (n, s, seed), r in results.items()]})
     markdown = render_markdown(table, results, schedules, seeds, record, wall)
+    if args.val_interval:
+        longest = curves(results, args.norms, schedules[-1])
+        markdown += render_curves(longest, schedules[-1])
+        plot_curves(longest, schedules[-1], stem + "_curve.png")
     write_atomically(stem + ".md", markdown)
     plot(table, schedules, stem + ".png")
     print(markdown)

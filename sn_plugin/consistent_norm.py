@@ -180,6 +180,8 @@ class ConsistentNorm(nn.Module):
             self._sample_branches = None
             return
         branches = torch.as_tensor(branches).detach().cpu()
+        if branches.numel() == 0:
+            branches = branches.long()  # torch.as_tensor([]) is float
         if branches.dim() != 1 or branches.is_floating_point() or branches.is_complex():
             raise ValueError(f"{type(self).__name__}: sample_branches must be a 1-D sequence of branch indices, "
                              f"got {tuple(branches.shape)} {branches.dtype}")
@@ -200,7 +202,10 @@ class ConsistentNorm(nn.Module):
         # The branches check the input's shape themselves (also a channels-last nn.LayerNorm branch).
         if self._sample_branches is None:
             return self.branches[self._active_branch](input)
-        return self._forward_per_sample(input, self._sample_branches_for(input))
+        branches = self._sample_branches_for(input)
+        if not len(branches):  # an empty batch: whatever the branch does with one
+            return self.branches[self._active_branch](input)
+        return self._forward_per_sample(input, branches)
 
     def _sample_branches_for(self, input: Tensor) -> Tensor:
         if self._sample_branches.numel() != input.shape[0]:

@@ -102,6 +102,8 @@ def test_per_sample_branches_must_cover_the_batch_and_name_existing_branches():
         layer.sample_branches = [0, 2]
     with pytest.raises(ValueError, match="1-D sequence of branch indices"):
         layer.sample_branches = torch.tensor([0.0, 1.0])
+    layer.sample_branches = []
+    assert layer.eval()(torch.randn(0, 4, 2, 2)).shape == (0, 4, 2, 2)
     with pytest.raises(ValueError, match=r"has 2 branches \(0..1\), got branch 2"):
         layer.active_branch = 2
 

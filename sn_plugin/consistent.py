@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .consistent_norm import ConsistentNorm
-from .conversion import _replace_modules
+from .conversion import replace_modules
 from .switchable_norm import FrozenSwitchNorm, SwitchNormBase
 
 __all__ = [
@@ -201,7 +201,7 @@ def convert_to_cn(model: nn.Module, num_branches: int,
             return ConsistentNorm.from_norm(module, num_branches)
         return None
 
-    return _replace_modules(model, convert)
+    return replace_modules(model, convert)
 
 
 def export_branch(model: nn.Module, branch: int = 0) -> nn.Module:
@@ -212,4 +212,4 @@ def export_branch(model: nn.Module, branch: int = 0) -> nn.Module:
         if not 0 <= branch < layer.num_branches:
             raise ValueError(f"export_branch: CN layer {name!r} has {layer.num_branches} branches "
                              f"(0..{layer.num_branches - 1}), asked for branch {branch}")
-    return _replace_modules(model, lambda name, m: m.branches[branch] if isinstance(m, ConsistentNorm) else None)
+    return replace_modules(model, lambda name, m: m.branches[branch] if isinstance(m, ConsistentNorm) else None)

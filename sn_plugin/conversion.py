@@ -29,7 +29,7 @@ from .switchable_norm import (
 )
 
 __all__ = [
-    "BatchNormXd", "ConversionOptions", "SNSource", "convert_sync_sn", "convert_to_sn",
+    "BatchNormXd", "ConversionOptions", "SNSource", "convert_sync_sn", "looks_like_batch_norm", "replace_modules", "convert_to_sn",
     "register_sn_converter", "revert_sync_sn", "sparsify",
 ]
 
@@ -68,7 +68,7 @@ def _sn_class_for(source: nn.Module) -> Type[SwitchNormBase]:
 _PROCESS_GROUP_ATTRIBUTES = ("process_group", "group")
 
 
-def _replace_modules(model: nn.Module, convert: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
+def replace_modules(model: nn.Module, convert: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
     """Copy ``model`` and replace, top-down, every module for which ``convert(name, module)``
     returns a replacement; the replacement's children are not visited."""
     # Process groups (torch's ``process_group``, mmcv's ``group``) are handles to shared
@@ -108,7 +108,7 @@ def convert_sync_sn(model: nn.Module, process_group=None) -> nn.Module:
             return new
         return None
 
-    return _replace_modules(model, convert)
+    return replace_modules(model, convert)
 
 
 def revert_sync_sn(model: nn.Module) -> nn.Module:
@@ -125,7 +125,7 @@ def revert_sync_sn(model: nn.Module) -> nn.Module:
             return module.rebuilt_as(getattr(module, "_sn_unsynced_class", SwitchNormNd))
         return None
 
-    return _replace_modules(model, convert)
+    return replace_modules(model, convert)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _favouring(branch: int, options: ConversionOptions) -> Tuple[float, float, f
 
 
 def _from_batch_norm(m: nn.Module, options: ConversionOptions) -> SNSource:
-    """torch's BatchNorms and the duck-typed ones of other libraries (see _looks_like_batch_norm)."""
+    """torch's BatchNorms and the duck-typed ones of other libraries (see looks_like_batch_norm)."""
     sync = isinstance(m, nn.SyncBatchNorm) or "sync" in type(m).__name__.lower()
     group = getattr(m, "process_group", getattr(m, "group", None))  # mmcv's SyncBatchNorm: ``group``
     running_mean = getattr(m, "running_mean", None)
@@ -220,7 +220,7 @@ def _from_layer_norm(m: nn.LayerNorm, options: ConversionOptions) -> Optional[SN
                    cls=SwitchNorm1d)
 
 
-def _looks_like_batch_norm(m: nn.Module) -> bool:
+def looks_like_batch_norm(m: nn.Module) -> bool:
     """A BatchNorm of a library that does not subclass torch's: ``running_mean``/``running_var``
     buffers, a float ``eps``, no children, and either BN's affine as buffers and no parameters
     (frozen BN: detectron2's and torchvision's ``FrozenBatchNorm2d`` and their likes) or
@@ -270,7 +270,7 @@ def _find_converter(m: nn.Module, layer_norm: bool) -> Optional[Converter]:
     for cls, converter, subclasses in table:
         if subclasses and isinstance(m, cls):
             return converter
-    if _looks_like_batch_norm(m):
+    if looks_like_batch_norm(m):
         return _from_batch_norm
     return None
 
@@ -392,7 +392,7 @@ def convert_to_sn(
             inexact.append(f"{name or type(module).__name__}: {source.inexact}")
         return _build_sn(source, module, options)
 
-    converted = _replace_modules(model, convert)
+    converted = replace_modules(model, convert)
     if inexact:
         warnings.warn("convert_to_sn: these layers cannot start out computing exactly what they did:\n  "
                       + "\n  ".join(inexact), stacklevel=2)
@@ -497,4 +497,4 @@ def sparsify(model: nn.Module, freeze: bool = True) -> nn.Module:
                 return plain
         return module
 
-    return _replace_modules(model, convert)
+    return replace_modules(model, convert)

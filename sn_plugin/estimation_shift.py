@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .atomic import atomic_write
-from .conversion import _looks_like_batch_norm
+from .conversion import looks_like_batch_norm
 from .plotting import save_importance_figure as save_figure
 from .switchable_norm import SwitchNormBase
 
@@ -69,7 +69,7 @@ def estimated_statistics_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """The layers of ``model`` that normalize with estimated (running) statistics in eval, by name."""
     layers = {}
     for name, m in model.named_modules():
-        measurable = isinstance(m, (_BatchNorm, SwitchNormBase)) or _looks_like_batch_norm(m)
+        measurable = isinstance(m, (_BatchNorm, SwitchNormBase)) or looks_like_batch_norm(m)
         if measurable and isinstance(getattr(m, "running_mean", None), Tensor) \
                 and isinstance(getattr(m, "running_var", None), Tensor):
             layers[name] = m

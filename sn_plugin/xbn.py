@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .conversion import _looks_like_batch_norm, _replace_modules
+from .conversion import looks_like_batch_norm, replace_modules
 from .state_dicts import inner_state_dict, strip_prefixes
 from .switchable_norm import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormNd
 
@@ -115,7 +115,7 @@ def residual_blocks(model: nn.Module) -> List[ResidualBlock]:
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm) or _looks_like_batch_norm(module)
+    return isinstance(module, _BatchNorm) or looks_like_batch_norm(module)
 
 
 def _stem_norms(model: nn.Module, first_block: str) -> List[str]:
@@ -262,7 +262,7 @@ def convert_to_xbn(
                              f"BN by a batch-free normalizer (was the model converted already?)")
     replacements = {name: build_bfn(bfn_cfg, model.get_submodule(name), name) for name in plan}
     if not inplace:
-        return _replace_modules(model, lambda name, module: replacements.get(name))
+        return replace_modules(model, lambda name, module: replacements.get(name))
     for name, bfn in replacements.items():
         model.set_submodule(name, bfn)
     return model

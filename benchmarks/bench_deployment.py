@@ -17,7 +17,7 @@ demo, or a benchmark's SN run) and measures, on its validation set:
     python benchmarks/bench_deployment.py work_dirs/sn_demo
     python benchmarks/bench_deployment.py work_dirs/scratch_detection_runs/SN_3200it_seed0 --out /tmp/x
 
-Writes ``deployment.{md,json}`` under ``benchmarks/results/`` (or ``--out``).
+Writes ``deployment.{md,json}`` (``--name``) under ``benchmarks/results/`` (or ``--out``).
 """
 import argparse
 import copy
@@ -142,7 +142,8 @@ def training_batches(runner):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="output folder of a training of tools/train_coco_detector.py with --norm SN")
-    parser.add_argument("--out", default=RESULTS_DIR, help="folder for deployment.{md,json}")
+    parser.add_argument("--out", default=RESULTS_DIR, help="folder for the results files")
+    parser.add_argument("--name", default="deployment", help="results file names: NAME.{md,json} (default %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from sn_plugin.integrations.openmmlab.hooks import training_forward
@@ -172,8 +173,8 @@ def main(argv=None) -> dict:
     results["machine"] = machine_record(RECORDED_PACKAGES)
     results["date"] = time.strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
-    write_json_atomically(os.path.join(args.out, "deployment.json"), results)
-    write_atomically(os.path.join(args.out, "deployment.md"), render(results))
+    write_json_atomically(os.path.join(args.out, f"{args.name}.json"), results)
+    write_atomically(os.path.join(args.out, f"{args.name}.md"), render(results))
     return results
 
 

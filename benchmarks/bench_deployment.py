@@ -109,7 +109,7 @@ def median_seconds(functions: Dict[str, callable], repeats: int) -> Dict[str, fl
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def export_checks(model: nn.Module, images: torch.Tensor, folder: str) -> Dict[str, float]:
+def export_checks(model: nn.Module, images: torch.Tensor, folder: str, repeats: int) -> Dict[str, float]:
     import onnxruntime
 
     part = BackboneAndNeck(model).eval()
@@ -130,7 +130,7 @@ def export_checks(model: nn.Module, images: torch.Tensor, folder: str) -> Dict[s
 
     with torch.no_grad():
         seconds = median_seconds({"eager": lambda: part(images), "onnxruntime": lambda: session.run(None, feed)},
-                                 TIMING_REPEATS)
+                                 repeats)
     return {"torch_export_max_rel_diff": largest(exported), "onnx_max_rel_diff": largest(onnx_outputs),
             "eager_ms": 1000 * seconds["eager"], "onnxruntime_ms": 1000 * seconds["onnxruntime"]}
 
@@ -144,7 +144,9 @@ def main(argv=None) -> dict:
     parser.add_argument("run", help="output folder of a training of tools/train_coco_detector.py with --norm SN")
     parser.add_argument("--out", default=RESULTS_DIR, help="folder for the results files")
     parser.add_argument("--name", default="deployment", help="results file names: NAME.{md,json} (default %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 batches for the statistics, 2 timings")
     args = parser.parse_args(argv)
+    stats_batches, repeats = (2, 2) if args.quick else (STATS_BATCHES, TIMING_REPEATS)
     torch.set_num_threads(1)
     from sn_plugin.integrations.openmmlab.hooks import training_forward
 
@@ -156,16 +158,16 @@ def main(argv=None) -> dict:
                    "dataset": summary["dataset"]["description"], "variants": {}}
         sparse = sparsify(trained).eval()
         reestimated = copy.deepcopy(sparse)
-        reports = recompute_batch_stats(reestimated, training_batches(runner), num_batches=STATS_BATCHES,
+        reports = recompute_batch_stats(reestimated, training_batches(runner), num_batches=stats_batches,
                                         forward=training_forward, include_batchnorm=True, progress=False)
         variants = {"SN as trained": trained, "sparse SN": sparse,
-                    f"sparse SN, statistics re-estimated ({STATS_BATCHES} batches)": reestimated}
+                    f"sparse SN, statistics re-estimated ({stats_batches} batches)": reestimated}
         images = next(iter(runner.val_dataloader))
         batch = trained.data_preprocessor(images, training=False)["inputs"]
         for name, model in variants.items():
             entry = {"AP": evaluate(runner, model, classes), "layers": layer_counts(model)}
             if name != "sparse SN":
-                entry["export"] = export_checks(model, batch, work_dir)
+                entry["export"] = export_checks(model, batch, work_dir, repeats)
             results["variants"][name] = entry
             print(name, entry)
         results["reestimated_layers"] = sum(r.updated for r in reports.values())
@@ -174,6 +176,7 @@ def main(argv=None) -> dict:
         results["largest_weight_mean"] = {
             kind: statistics.mean(float(pair[i].max()) for pair in weights.values()) for i, kind in enumerate(("mean", "var"))}
         results["batch_shape"] = list(batch.shape)
+        results["timing_repeats"] = repeats
     results["machine"] = machine_record(RECORDED_PACKAGES)
     results["date"] = time.strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)
@@ -198,7 +201,7 @@ def render(results: dict) -> str:
         "",
         f"Model: {results['run']} ({results['iterations']} iterations; {results['dataset']}). "
         f"AP on its validation set; export of backbone + FPN on one validation batch of shape "
-        f"{tuple(results['batch_shape'])}, 1 thread, medians of {TIMING_REPEATS} interleaved runs.",
+        f"{tuple(results['batch_shape'])}, 1 thread, medians of {results['timing_repeats']} interleaved runs.",
         "",
         markdown_table(["model", "box AP", "mask AP", "layers SN / BN / GN", "torch.export max rel. diff",
                         "ONNX (onnxruntime) max rel. diff", "eager / onnxruntime ms"], rows),

@@ -79,11 +79,12 @@ def _bench(name, *arguments, timeout=900):
     return result.stdout
 
 
-def test_scratch_detection_quick_mode_trains_all_three_norms(tmp_path):
+def test_scratch_detection_quick_mode_trains_all_three_norms_then_deploys_sn(tmp_path):
     pytest.importorskip("mmdet")
     _bench("bench_scratch_detection", "--quick", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
-           "--data", str(tmp_path / "data"))
-    for name in ("scratch_detection.md", "scratch_detection.json", "scratch_detection.png"):
+           "--data", str(tmp_path / "data"), "--val-interval", "1")
+    for name in ("scratch_detection.md", "scratch_detection.json", "scratch_detection.png",
+                 "scratch_detection_curve.png"):
         assert (tmp_path / "results" / name).stat().st_size > 0
     with open(tmp_path / "results" / "scratch_detection.json") as f:
         record = json.load(f)
@@ -96,6 +97,16 @@ def test_scratch_detection_quick_mode_trains_all_three_norms(tmp_path):
     assert "| box | SN |" in markdown and "| mask | GN |" in markdown and "29.5" in markdown
     assert sorted(os.listdir(tmp_path / "runs")) == sorted(
         f"{norm}_2it_seed0{suffix}" for norm in ("BN", "GN", "SN") for suffix in ("", ".log"))
+    assert "AP during the 2-iteration trainings" in markdown
+
+    # the SN model to deployment: evaluated as trained and sparse, exported
+    _bench("bench_deployment", str(tmp_path / "runs" / "SN_2it_seed0"), "--quick", "--out", str(tmp_path / "results"))
+    with open(tmp_path / "results" / "deployment.json") as f:
+        deployment = json.load(f)
+    trained = deployment["variants"]["SN as trained"]
+    assert trained["layers"]["SN"] > 0 and trained["export"]["onnx_max_rel_diff"] < 1e-4
+    assert trained["export"]["torch_export_max_rel_diff"] < 1e-4
+    assert any(v["layers"]["SN"] < trained["layers"]["SN"] for v in deployment["variants"].values())
 
 
 def test_nuclei_detection_quick_mode_on_fake_nuclei(tmp_path, monkeypatch):
@@ -140,3 +151,13 @@ def test_importance_dynamics_quick_mode_records_gradients_and_movement(tmp_path)
         assert layer["grad_norm"] >= layer["grad_norm_after_clip"] >= 0.0 and layer["displacement"] >= 0.0
     assert (tmp_path / "results" / "importance_dynamics.png").stat().st_size > 0
     assert "| default | 8 |" in (tmp_path / "results" / "importance_dynamics.md").read_text()
+
+
+def test_detector_step_quick_mode_times_every_norm(tmp_path):
+    pytest.importorskip("mmdet")
+    _bench("bench_detector_step", "--quick", "--data", str(tmp_path / "data"), "--out", str(tmp_path))
+    with open(tmp_path / "detector_step.json") as f:
+        record = json.load(f)
+    cells = record["threads"]["1"]
+    assert set(cells) == {"SN", "SN (reference path)", "GN", "BN"} and cells["GN"]["ratio_to_GN"] == 1.0
+    assert all(cell["median_ms"] > 0 for cell in cells.values())

@@ -60,7 +60,7 @@ def write_xbn_config(folder: str) -> str:
 
 
 def plan(norms: Sequence[str], seeds: Sequence[int], iterations: int, runs: str, data: str,
-         quick: bool) -> List[Training]:
+         quick: bool, val_interval: int = 0) -> List[Training]:
     """One training of the command per (norm, seed)."""
     xbn_config = write_xbn_config(runs) if "XBN" in norms else None
     trainings = []
@@ -69,6 +69,8 @@ def plan(norms: Sequence[str], seeds: Sequence[int], iterations: int, runs: str,
             arguments = ["--dataset", "shapes", "--data", data, "--seed", str(seed), "--max-iters", str(iterations),
                          "--num-images", "3"] + (["--quick"] if quick else [])
             arguments += ["--norm", "BN", "--config", xbn_config] if norm == "XBN" else ["--norm", norm]
+            if val_interval:
+                arguments += ["--val-interval", str(val_interval)]
             trainings.append(Training((norm, seed), arguments, os.path.join(runs, f"{norm}_{iterations}it_seed{seed}")))
     return trainings
 
@@ -131,6 +133,9 @@ def main(argv=None) -> Dict[str, dict]:
     parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", "xbn_detection_runs"),
                         help="folder for the trainings' own outputs and logs")
     parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"), help="dataset folder")
+    parser.add_argument("--val-interval", type=int, default=0, metavar="N",
+                        help="also evaluate every N iterations (the same trainings as bench_scratch_detection.py's "
+                             "with that option: with its --runs and --reuse its BN and GN trainings are reused)")
     args = parser.parse_args(argv)
     iterations = args.iterations or (QUICK_ITERATIONS if args.quick else ITERATIONS)
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
@@ -142,8 +147,8 @@ def main(argv=None) -> Dict[str, dict]:
 
     started = time.time()
     builtin_dataset("shapes", args.data, args.quick)  # made once, before the trainings that share it
-    results = run_trainings(plan(args.norms, seeds, iterations, args.runs, args.data, args.quick), args.workers,
-                            args.reuse)
+    results = run_trainings(plan(args.norms, seeds, iterations, args.runs, args.data, args.quick, args.val_interval),
+                            args.workers, args.reuse)
     wall = time.time() - started
     table = summarise(results, args.norms)
     record = machine_record(RECORDED_PACKAGES)

@@ -164,6 +164,47 @@ def test_fused_and_reference_paths_agree_in_float32(cls, shape, training):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+# Row lengths S on both sides of every boundary the CPU passes have: a vector step (16 or 32
+# values for float, 8 or 16 for double), a block of float accumulation (2048 values), a page of
+# short rows summed together; 21 rows, not a multiple of the rows summed at once (4 to 16).
+ROW_LENGTHS = [2, 7, 15, 16, 17, 31, 32, 33, 49, 63, 64, 65, 196, 2047, 2048, 2049, 4099]
+
+
+@built
+@pytest.mark.parametrize("s", ROW_LENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_row_length_matches_the_naive_semantics(fused, s, dtype):
+    torch.manual_seed(s)
+    x = (torch.randn(3, 7, s, dtype=torch.float64) * 2 + 5).to(dtype).requires_grad_()
+    params = [torch.randn(3, dtype=dtype, requires_grad=True) for _ in range(2)]
+    params += [torch.randn(7, dtype=dtype, requires_grad=True) for _ in range(2)]
+    dy = torch.randn(x.shape, dtype=dtype)
+    y = kernels.switch_norm(x, None, None, *params, True, 0.1, 1e-5, None, False)
+    grads = torch.autograd.grad(y, [x] + params, dy)
+    x64 = x.detach().double().requires_grad_()
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    expected = naive_switch_norm(x64, *params64, None, None, True, 0.1, 1e-5, False)
+    expected_grads = torch.autograd.grad(expected, [x64] + params64, dy.double())
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e, rtol=tol, atol=tol * max(1.0, e.abs().max().item()))
+
+
+@built
+@pytest.mark.parametrize("s", [1, 7, 49, 4099])
+def test_low_precision_row_lengths_match_float32(fused, s):
+    """bfloat16 and float16 load and store two float vectors a step: their tails differ from float's."""
+    torch.manual_seed(s)
+    x = torch.randn(3, 7, s) * 2 + 5
+    layer = randomised(SwitchNormNd(7) if s > 1 else SwitchNorm1d(7))
+    shape = (3, 7, s) if s > 1 else (3, 7)
+    expected = layer(x.view(shape))
+    for dtype, tol in ((torch.bfloat16, 6e-2), (torch.float16, 1e-2)):
+        y = layer(x.view(shape).to(dtype))
+        torch.testing.assert_close(y.float(), expected, rtol=tol, atol=tol)
+
+
 # ----------------------------------------------------------------- awkward inputs
 
 

@@ -5,7 +5,9 @@
 // Full-size passes (one row = the S values of one (n, c), contiguous):
 //   forward:  moments (sums of x - p and (x - p)^2 with p the mean of the row's first values,
 //             in float lanes folded into double every kBlock values: the offset cancels
-//             before any rounding, so inputs with a large offset keep accurate variances),
+//             before any rounding, so inputs with a large offset keep accurate variances;
+//             rows of at most kBlock values, as small maps have, are reduced V::size() rows
+//             at a time, so that no row pays for a horizontal reduction of its own),
 //             then y = (x - c) * scale + shift with c the row's mean rounded to the input's
 //             precision, so that the offset cancels exactly before the scaling.
 //   backward: sum(dy), sum(dy * (x - c)), sum((x - c)^2) per row (the last recomputes the
@@ -23,6 +25,14 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+
+#ifndef SN_INLINE
+#if defined(__GNUC__)
+#define SN_INLINE inline __attribute__((always_inline))
+#else
+#define SN_INLINE inline
+#endif
+#endif
 
 namespace sn_plugin {
 namespace CPU_CAPABILITY {
@@ -94,184 +104,316 @@ struct Lanes<T, true> {
   }
 };
 
-// Zero every lane from the n-th on (0 < n < 2 * V::size()).
-template <typename V>
-inline void keep_first(V& a, V& b, int64_t n) {
-  constexpr int64_t k = V::size();
-  if (n <= k) {
-    a = V::set(V(0), a, n);
-    b = V(0);
-  } else {
-    b = V::set(V(0), b, n - k);
-  }
-}
-
 template <typename V>
 inline double reduce_sum(const V& v) {
   return static_cast<double>(
       at::vec::vec_reduce_all<typename V::value_type>([](V a, V b) { return a + b; }, v));
 }
 
+// Lane r of the result: the sum of the lanes of v[r], for r < V::size() (v is overwritten).
+// Pairwise deinterleaving transposes as it adds: V::size() - 1 shuffle pairs for V::size()
+// rows, where a horizontal reduction per row costs log2(V::size()) dependent steps each.
+template <typename V>
+SN_INLINE V lane_sums(V* v) {
+  for (int64_t width = V::size(); width > 1; width /= 2) {
+    for (int64_t i = 0; i < width / 2; ++i) {
+      const auto halves = at::vec::deinterleave2(v[2 * i], v[2 * i + 1]);
+      v[i] = halves.first + halves.second;
+    }
+  }
+  return v[0];
+}
+
 // ----------------------------------------------------------------- per-row passes
-// The pivot of a row's moments: the mean of its first few values, close enough to the row's
-// mean that the shifted sums below lose nothing to an offset (scalar: no vector reduction).
-template <typename T>
-inline acc_t<T> row_pivot(const T* x, int64_t S) {
-  const int64_t n = std::min<int64_t>(S, 8);
-  acc_t<T> sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    sum += static_cast<acc_t<T>>(x[i]);
-  }
-  return sum / static_cast<acc_t<T>>(n);
-}
+// Every pass walks a row in steps of Lanes<T>::kStep values. In a row at least a step long,
+// the last, partial step is the full step that ends at the row's end: an output pass rewrites
+// the values it overlaps with the same values, a sum masks the lanes it has counted already
+// (no masked loads or stores, which are slow or emulated on many CPUs). Rows shorter than a
+// step use masked loads and stores. Outputs must not alias inputs (the ops write fresh tensors).
+//
+// Rows of at most kBlock values (short rows) are summed block-wise: the float lanes of
+// V::size() rows are reduced together by lane_sums. Longer rows fold their lanes into double
+// every kBlock values. Rows of one value ((N, C) inputs) need no pass at all: their moments
+// are the value itself, and the O(N*C) loops that use them read the values directly.
 
-// Mean and sum of squared deviations of a row of S > 0 values: sums of (x - p) and
-// (x - p)^2 in float lanes, folded into double every kBlock values.
+// Which lanes of a row's partial step hold values not visited yet (S values a row; every
+// block of kBlock values ends on a step, so a row's only partial step is its last).
 template <typename T>
-inline void row_moments(const T* x, int64_t S, double inv_s, double& mean, double& m2) {
+struct Tail {
+  using V = typename Lanes<T>::V;
+  V a, b;  // all bits set in those lanes of the step's two vectors, zero elsewhere
+
+  explicit Tail(int64_t S) {
+    using A = typename V::value_type;
+    constexpr int64_t k = Lanes<T>::kStep;
+    static_assert(kBlock % k == 0, "a block of float accumulation must end on a step");
+    const int64_t size = S % k;  // values in the partial step
+    const int64_t first = S >= k ? k - size : 0, last = S >= k ? k : size;
+    __at_align__ A bits[k];
+    for (int64_t i = 0; i < k; ++i) {
+      std::memset(bits + i, i >= first && i < last ? 0xff : 0, sizeof(A));
+    }
+    a = V::loadu(bits);
+    b = V::loadu(bits + V::size());
+  }
+};
+
+// Sums of (x - p) and (x - p)^2 over the values [start, end) of a row, where end - start > 0
+// and start is a multiple of kStep (values of the row before start may be read), in float lanes.
+template <typename T>
+SN_INLINE void shifted_sums(const T* x, int64_t start, int64_t end, acc_t<T> p, const Tail<T>& tail,
+                            typename Lanes<T>::V& s1, typename Lanes<T>::V& s2) {
   using L = Lanes<T>;
   using V = typename L::V;
-  if (S == 1) {  // (N, C) inputs: one value per row
-    mean = static_cast<double>(x[0]);
-    m2 = 0;
-    return;
-  }
-  const acc_t<T> p = row_pivot(x, S);
   const V pv(p);
-  double s1 = 0, s2 = 0;
-  for (int64_t start = 0; start < S; start += kBlock) {
-    const int64_t end = std::min(S, start + kBlock);
-    V a1(0), b1(0), a2(0), b2(0);
-    int64_t i = start;
-    for (; i + L::kStep <= end; i += L::kStep) {
-      V a, b;
-      L::load(x + i, a, b);
-      a = a - pv;
-      b = b - pv;
-      a1 += a;
-      b1 += b;
-      a2 = at::vec::fmadd(a, a, a2);
-      b2 = at::vec::fmadd(b, b, b2);
-    }
-    if (i < end) {
-      V a, b;
-      L::load(x + i, end - i, a, b);
-      a = a - pv;
-      b = b - pv;
-      keep_first(a, b, end - i);
-      a1 += a;
-      b1 += b;
-      a2 = at::vec::fmadd(a, a, a2);
-      b2 = at::vec::fmadd(b, b, b2);
-    }
-    s1 += reduce_sum(a1 + b1);
-    s2 += reduce_sum(a2 + b2);
+  V a1(0), b1(0), a2(0), b2(0);
+  auto add = [&](const V& a, const V& b) {
+    a1 += a;
+    b1 += b;
+    a2 = at::vec::fmadd(a, a, a2);
+    b2 = at::vec::fmadd(b, b, b2);
+  };
+  int64_t i = start;
+  for (; i + L::kStep <= end; i += L::kStep) {
+    V a, b;
+    L::load(x + i, a, b);
+    add(a - pv, b - pv);
   }
-  mean = static_cast<double>(p) + s1 * inv_s;
-  m2 = std::max(s2 - s1 * s1 * inv_s, 0.0);
+  if (i < end) {
+    V a, b;
+    if (end >= L::kStep) {
+      L::load(x + end - L::kStep, a, b);
+    } else {
+      L::load(x + i, end - i, a, b);
+    }
+    add((a - pv) & tail.a, (b - pv) & tail.b);
+  }
+  s1 = a1 + b1;
+  s2 = a2 + b2;
 }
 
-// y = (x - c) * scale + shift
+// The first min(S, kStep) values of a row, summed lane-wise (zeros after them).
 template <typename T>
-inline void row_affine(const T* x, T* y, int64_t S, acc_t<T> c, acc_t<T> scale, acc_t<T> shift) {
+SN_INLINE typename Lanes<T>::V head_sum(const T* x, int64_t S) {
+  using L = Lanes<T>;
+  typename L::V a, b;
+  if (S >= L::kStep) {
+    L::load(x, a, b);
+  } else {
+    L::load(x, S, a, b);
+  }
+  return a + b;
+}
+
+// IN mean and variance of `count` rows of 1 < S <= kBlock values from x. The sums are shifted
+// by a pivot, the mean of the row's first values (head_sum), close enough to the row's mean
+// that an offset cancels before any rounding.
+template <typename T>
+inline void moments_of_short_rows(const T* x, int64_t S, int64_t count, double inv_s,
+                                  double inv_divisor, double* mean, double* var) {
   using L = Lanes<T>;
   using V = typename L::V;
-  if (S == 1) {
-    y[0] = static_cast<T>((static_cast<acc_t<T>>(x[0]) - c) * scale + shift);
-    return;
+  using A = acc_t<T>;
+  constexpr int64_t kRows = V::size();
+  const Tail<T> tail(S);
+  const A inv_head = A(1) / static_cast<A>(std::min(S, L::kStep));
+  // The pivots of a block's rows in one lane_sums while the block lies within a page (the
+  // memory prefetchers follow any order there); longer rows reduce their own head, so that
+  // each row is read front to back.
+  const bool block_pivots = kRows * S * int64_t(sizeof(T)) <= 4096;
+  for (int64_t r0 = 0; r0 < count; r0 += kRows) {
+    const int64_t rows = std::min(kRows, count - r0);
+    const T* block = x + r0 * S;
+    V s1[kRows], s2[kRows];
+    __at_align__ A pivot[kRows], sum1[kRows], sum2[kRows];
+    if (block_pivots) {
+      for (int64_t k = 0; k < kRows; ++k) {
+        s1[k] = k < rows ? head_sum(block + k * S, S) : V(0);
+      }
+      (lane_sums(s1) * V(inv_head)).store(pivot);
+    }
+    for (int64_t k = 0; k < kRows; ++k) {
+      if (k < rows) {
+        if (!block_pivots) {
+          pivot[k] = static_cast<A>(reduce_sum(head_sum(block + k * S, S))) * inv_head;
+        }
+        shifted_sums(block + k * S, 0, S, pivot[k], tail, s1[k], s2[k]);
+      } else {
+        s1[k] = s2[k] = V(0);
+      }
+    }
+    lane_sums(s1).store(sum1);
+    lane_sums(s2).store(sum2);
+    for (int64_t k = 0; k < rows; ++k) {
+      const double d1 = sum1[k], d2 = sum2[k];
+      mean[r0 + k] = static_cast<double>(pivot[k]) + d1 * inv_s;
+      var[r0 + k] = std::max(d2 - d1 * d1 * inv_s, 0.0) * inv_divisor;
+    }
   }
+}
+
+// The same for a row of S > kBlock values: float lanes folded into double every kBlock values.
+template <typename T>
+inline void moments_of_long_row(const T* x, int64_t S, const Tail<T>& tail, double inv_s,
+                                double inv_divisor, double& mean, double& var) {
+  using A = acc_t<T>;
+  const A p = static_cast<A>(reduce_sum(head_sum(x, S))) / static_cast<A>(Lanes<T>::kStep);
+  double d1 = 0, d2 = 0;
+  for (int64_t start = 0; start < S; start += kBlock) {
+    typename Lanes<T>::V s1, s2;
+    shifted_sums(x, start, std::min(S, start + kBlock), p, tail, s1, s2);
+    d1 += reduce_sum(s1);
+    d2 += reduce_sum(s2);
+  }
+  mean = static_cast<double>(p) + d1 * inv_s;
+  var = std::max(d2 - d1 * d1 * inv_s, 0.0) * inv_divisor;
+}
+
+// y = (x - c) * scale + shift over a row of S values
+template <typename T>
+SN_INLINE void row_affine(const T* x, T* y, int64_t S, acc_t<T> c, acc_t<T> scale,
+                          acc_t<T> shift) {
+  using L = Lanes<T>;
+  using V = typename L::V;
   const V cv(c), sv(scale), tv(shift);
-  int64_t i = 0;
-  for (; i + L::kStep <= S; i += L::kStep) {
+  auto step = [&](int64_t i) {
     V a, b;
     L::load(x + i, a, b);
     L::store(y + i, at::vec::fmadd(a - cv, sv, tv), at::vec::fmadd(b - cv, sv, tv));
-  }
-  if (i < S) {
-    V a, b;
-    L::load(x + i, S - i, a, b);
-    L::store(y + i, S - i, at::vec::fmadd(a - cv, sv, tv), at::vec::fmadd(b - cv, sv, tv));
-  }
-}
-
-// sum(dy), sum(dy * (x - c)), sum((x - c)^2), folded into double every kBlock values
-template <typename T>
-inline void row_grad_sums(const T* dy, const T* x, int64_t S, acc_t<T> c, double& sum_dy,
-                          double& sum_dy_xc, double& sum_xc2) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  if (S == 1) {
-    const acc_t<T> g = static_cast<acc_t<T>>(dy[0]), d = static_cast<acc_t<T>>(x[0]) - c;
-    sum_dy = g;
-    sum_dy_xc = static_cast<double>(g) * d;
-    sum_xc2 = static_cast<double>(d) * d;
-    return;
-  }
-  const V cv(c);
-  sum_dy = sum_dy_xc = sum_xc2 = 0;
-  for (int64_t start = 0; start < S; start += kBlock) {
-    const int64_t end = std::min(S, start + kBlock);
-    V g0(0), g1(0), p0(0), p1(0), q0(0), q1(0);
-    int64_t i = start;
-    for (; i + L::kStep <= end; i += L::kStep) {
-      V da, db, xa, xb;
-      L::load(dy + i, da, db);
-      L::load(x + i, xa, xb);
-      xa = xa - cv;
-      xb = xb - cv;
-      g0 += da;
-      g1 += db;
-      p0 = at::vec::fmadd(da, xa, p0);
-      p1 = at::vec::fmadd(db, xb, p1);
-      q0 = at::vec::fmadd(xa, xa, q0);
-      q1 = at::vec::fmadd(xb, xb, q1);
-    }
-    if (i < end) {
-      V da, db, xa, xb;
-      L::load(dy + i, end - i, da, db);
-      L::load(x + i, end - i, xa, xb);
-      xa = xa - cv;
-      xb = xb - cv;
-      keep_first(xa, xb, end - i);
-      g0 += da;
-      g1 += db;
-      p0 = at::vec::fmadd(da, xa, p0);
-      p1 = at::vec::fmadd(db, xb, p1);
-      q0 = at::vec::fmadd(xa, xa, q0);
-      q1 = at::vec::fmadd(xb, xb, q1);
-    }
-    sum_dy += reduce_sum(g0 + g1);
-    sum_dy_xc += reduce_sum(p0 + p1);
-    sum_xc2 += reduce_sum(q0 + q1);
-  }
-}
-
-// dx = k * dy + a * (x - c) + b
-template <typename T>
-inline void row_dx(const T* dy, const T* x, T* dx, int64_t S, acc_t<T> c, acc_t<T> k, acc_t<T> a,
-                   acc_t<T> b) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  if (S == 1) {
-    const acc_t<T> g = static_cast<acc_t<T>>(dy[0]), d = static_cast<acc_t<T>>(x[0]) - c;
-    dx[0] = static_cast<T>(g * k + d * a + b);
-    return;
-  }
-  const V cv(c), kv(k), av(a), bv(b);
+  };
   int64_t i = 0;
   for (; i + L::kStep <= S; i += L::kStep) {
+    step(i);
+  }
+  if (i < S) {
+    if (S >= L::kStep) {
+      step(S - L::kStep);
+    } else {
+      V a, b;
+      L::load(x + i, S - i, a, b);
+      L::store(y + i, S - i, at::vec::fmadd(a - cv, sv, tv), at::vec::fmadd(b - cv, sv, tv));
+    }
+  }
+}
+
+// sum(dy), sum(dy * (x - c)), sum((x - c)^2) over the values [start, end) of a row (as in
+// shifted_sums), in float lanes
+template <typename T>
+SN_INLINE void grad_lane_sums(const T* dy, const T* x, int64_t start, int64_t end, acc_t<T> c,
+                              const Tail<T>& tail, typename Lanes<T>::V& g,
+                              typename Lanes<T>::V& p, typename Lanes<T>::V& q) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const V cv(c);
+  V g0(0), g1(0), p0(0), p1(0), q0(0), q1(0);
+  auto add = [&](const V& da, const V& db, const V& xa, const V& xb) {
+    g0 += da;
+    g1 += db;
+    p0 = at::vec::fmadd(da, xa, p0);
+    p1 = at::vec::fmadd(db, xb, p1);
+    q0 = at::vec::fmadd(xa, xa, q0);
+    q1 = at::vec::fmadd(xb, xb, q1);
+  };
+  int64_t i = start;
+  for (; i + L::kStep <= end; i += L::kStep) {
     V da, db, xa, xb;
     L::load(dy + i, da, db);
     L::load(x + i, xa, xb);
-    L::store(dx + i, at::vec::fmadd(da, kv, at::vec::fmadd(xa - cv, av, bv)),
-             at::vec::fmadd(db, kv, at::vec::fmadd(xb - cv, av, bv)));
+    add(da, db, xa - cv, xb - cv);
+  }
+  if (i < end) {
+    V da, db, xa, xb;
+    if (end >= L::kStep) {
+      L::load(dy + end - L::kStep, da, db);
+      L::load(x + end - L::kStep, xa, xb);
+    } else {
+      L::load(dy + i, end - i, da, db);
+      L::load(x + i, end - i, xa, xb);
+    }
+    add(da & tail.a, db & tail.b, (xa - cv) & tail.a, (xb - cv) & tail.b);
+  }
+  g = g0 + g1;
+  p = p0 + p1;
+  q = q0 + q1;
+}
+
+// The sums of grad_lane_sums for `count` rows of 1 < S <= kBlock values from dy and x (row k
+// centred on centre[k]), in double.
+template <typename T>
+inline void grad_sums_of_short_rows(const T* dy, const T* x, int64_t S, int64_t count,
+                                    const acc_t<T>* centre, double* sum_dy, double* sum_dy_xc,
+                                    double* sum_xc2) {
+  using V = typename Lanes<T>::V;
+  using A = acc_t<T>;
+  constexpr int64_t kRows = V::size();
+  const Tail<T> tail(S);
+  for (int64_t r0 = 0; r0 < count; r0 += kRows) {
+    const int64_t rows = std::min(kRows, count - r0);
+    V g[kRows], p[kRows], q[kRows];
+    for (int64_t k = 0; k < kRows; ++k) {
+      if (k < rows) {
+        const int64_t offset = (r0 + k) * S;
+        grad_lane_sums(dy + offset, x + offset, 0, S, centre[r0 + k], tail, g[k], p[k], q[k]);
+      } else {
+        g[k] = p[k] = q[k] = V(0);
+      }
+    }
+    __at_align__ A sg[kRows], sp[kRows], sq[kRows];
+    lane_sums(g).store(sg);
+    lane_sums(p).store(sp);
+    lane_sums(q).store(sq);
+    for (int64_t k = 0; k < rows; ++k) {
+      sum_dy[r0 + k] = sg[k];
+      sum_dy_xc[r0 + k] = sp[k];
+      sum_xc2[r0 + k] = sq[k];
+    }
+  }
+}
+
+// The same for one row of S > kBlock values: float lanes folded into double every kBlock values.
+template <typename T>
+inline void grad_sums_of_long_row(const T* dy, const T* x, int64_t S, acc_t<T> c,
+                                  const Tail<T>& tail, double& sum_dy, double& sum_dy_xc,
+                                  double& sum_xc2) {
+  sum_dy = sum_dy_xc = sum_xc2 = 0;
+  for (int64_t start = 0; start < S; start += kBlock) {
+    typename Lanes<T>::V g, p, q;
+    grad_lane_sums(dy, x, start, std::min(S, start + kBlock), c, tail, g, p, q);
+    sum_dy += reduce_sum(g);
+    sum_dy_xc += reduce_sum(p);
+    sum_xc2 += reduce_sum(q);
+  }
+}
+
+// dx = k * dy + a * (x - c) + b over a row of S values
+template <typename T>
+SN_INLINE void row_dx(const T* dy, const T* x, T* dx, int64_t S, acc_t<T> c, acc_t<T> k,
+                      acc_t<T> a, acc_t<T> b) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const V cv(c), kv(k), av(a), bv(b);
+  auto value = [&](const V& g, const V& v) {
+    return at::vec::fmadd(g, kv, at::vec::fmadd(v - cv, av, bv));
+  };
+  auto step = [&](int64_t i) {
+    V da, db, xa, xb;
+    L::load(dy + i, da, db);
+    L::load(x + i, xa, xb);
+    L::store(dx + i, value(da, xa), value(db, xb));
+  };
+  int64_t i = 0;
+  for (; i + L::kStep <= S; i += L::kStep) {
+    step(i);
   }
   if (i < S) {
-    V da, db, xa, xb;
-    L::load(dy + i, S - i, da, db);
-    L::load(x + i, S - i, xa, xb);
-    L::store(dx + i, S - i, at::vec::fmadd(da, kv, at::vec::fmadd(xa - cv, av, bv)),
-             at::vec::fmadd(db, kv, at::vec::fmadd(xb - cv, av, bv)));
+    if (S >= L::kStep) {
+      step(S - L::kStep);
+    } else {
+      V da, db, xa, xb;
+      L::load(dy + i, S - i, da, db);
+      L::load(x + i, S - i, xa, xb);
+      L::store(dx + i, S - i, value(da, xa), value(db, xb));
+    }
   }
 }
 
@@ -401,13 +543,18 @@ inline int64_t reuse_block_rows(const Layer& L) {
 inline void mix_run(const Layer& L, int64_t n, int64_t c0, int64_t c1, const double* m_in,
                     const double* v_in, const double* ln, const double* bn, double* mean,
                     double* var) {
+  // Locals, and pointers at c0: the loop then vectorizes with plain loads (the compiler must
+  // otherwise assume the stores may change L's doubles).
   const double lm = L.wm[1] * ln[n], lv = L.wv[1] * ln[L.N + n];
-  const double* mi = m_in + n * L.C;
-  const double* vi = v_in + n * L.C;
+  const double wm0 = L.wm[0], wm2 = L.wm[2], wv0 = L.wv[0], wv2 = L.wv[2];
+  const double* mi = m_in + n * L.C + c0;
+  const double* vi = v_in + n * L.C + c0;
+  const double* bn_mean = bn + c0;
+  const double* bn_var = bn + L.C + c0;
 #pragma omp simd
-  for (int64_t c = c0; c < c1; ++c) {
-    mean[c - c0] = L.wm[0] * mi[c] + lm + L.wm[2] * bn[c];
-    var[c - c0] = L.wv[0] * vi[c] + lv + L.wv[2] * bn[L.C + c];
+  for (int64_t k = 0; k < c1 - c0; ++k) {
+    mean[k] = wm0 * mi[k] + lm + wm2 * bn_mean[k];
+    var[k] = wv0 * vi[k] + lv + wv2 * bn_var[k];
   }
 }
 
@@ -462,42 +609,63 @@ inline void bn_batch_statistics(const Layer& L, const double* m_in, const double
 template <typename T>
 inline void moments_of_rows(const Layer& L, const T* x, int64_t begin, int64_t end, double* m_in,
                             double* v_in) {
-  for (int64_t r = begin; r < end; ++r) {
-    double m2 = 0;
-    m_in[r] = 0;
-    if (L.S > 0) {
-      row_moments(x + r * L.S, L.S, L.inv_s, m_in[r], m2);
+  const int64_t S = L.S;
+  if (S <= 1) {  // one value per row (or none): no variance
+    for (int64_t r = begin; r < end; ++r) {
+      m_in[r] = S == 1 ? static_cast<double>(x[r]) : 0.0;
+      v_in[r] = 0;
     }
-    v_in[r] = m2 * L.inv_divisor;
+  } else if (S <= kBlock) {
+    moments_of_short_rows(x + begin * S, S, end - begin, L.inv_s, L.inv_divisor, m_in + begin,
+                          v_in + begin);
+  } else {
+    const Tail<T> tail(S);
+    for (int64_t r = begin; r < end; ++r) {
+      moments_of_long_row(x + r * S, S, tail, L.inv_s, L.inv_divisor, m_in[r], v_in[r]);
+    }
   }
 }
 
-// y for rows [begin, end) (block_rows: see for_each_run).
+// y for rows [begin, end) (block_rows: see for_each_run). scratch: 2 * C doubles and
+// 3 * C acc_t<T> values.
 template <typename T>
 inline void affine_rows(const Layer& L, const T* x, T* y, const double* m_in, const double* v_in,
                         const double* ln, const double* bn, int64_t begin, int64_t end,
-                        int64_t block_rows, double* scratch) {
+                        int64_t block_rows, double* scratch, acc_t<T>* coefficients) {
+  using A = acc_t<T>;
   double* mean = scratch;
   double* var = scratch + L.C;
-  double* centre = scratch + 2 * L.C;
-  double* scale = scratch + 3 * L.C;
-  double* shift = scratch + 4 * L.C;
+  A* centre = coefficients;
+  A* scale = coefficients + L.C;
+  A* shift = coefficients + 2 * L.C;
+  const int64_t S = L.S;
+  const double eps = L.eps;
   for_each_run(L, begin, end, block_rows, [&](int64_t n, int64_t c0, int64_t c1) {
     mix_run(L, n, c0, c1, m_in, v_in, ln, bn, mean, var);
-    const double* mi = m_in + n * L.C;
+    const int64_t base = n * L.C + c0, count = c1 - c0;
+    const double* mi = m_in + base;
+    const double* gamma = L.gamma.data() + c0;
+    const double* beta = L.beta.data() + c0;
 #pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k = c - c0;
-      const double rstd = 1.0 / std::sqrt(var[k] + L.eps);
+    for (int64_t k = 0; k < count; ++k) {
       // centre: the row's mean in the input's precision, so (x - centre) is exact
-      centre[k] = static_cast<double>(static_cast<acc_t<T>>(mi[c]));
-      scale[k] = rstd * L.gamma[c];
-      shift[k] = L.beta[c] + (centre[k] - mean[k]) * scale[k];
+      const A c = static_cast<A>(mi[k]);
+      const double scale_k = gamma[k] / std::sqrt(var[k] + eps);
+      centre[k] = c;
+      scale[k] = static_cast<A>(scale_k);
+      shift[k] = static_cast<A>(beta[k] + (static_cast<double>(c) - mean[k]) * scale_k);
     }
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k = c - c0, r = n * L.C + c;
-      row_affine(x + r * L.S, y + r * L.S, L.S, static_cast<acc_t<T>>(centre[k]),
-                 static_cast<acc_t<T>>(scale[k]), static_cast<acc_t<T>>(shift[k]));
+    const T* x_run = x + base * S;
+    T* y_run = y + base * S;
+    if (S == 1) {  // (N, C) inputs: one value per row, across the channels
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k) {
+        y_run[k] = static_cast<T>((static_cast<A>(x_run[k]) - centre[k]) * scale[k] + shift[k]);
+      }
+      return;
+    }
+    for (int64_t k = 0; k < count; ++k) {
+      row_affine(x_run + k * S, y_run + k * S, S, centre[k], scale[k], shift[k]);
     }
   });
 }
@@ -523,12 +691,13 @@ void forward_passes(const Layer& L, const T* x, T* y, double* m_in, double* v_in
     bn_statistics_not_from_batch(L, running_mean, running_var, bn);
     at::parallel_for(0, L.N, std::max<int64_t>(1, kGrainValues / std::max<int64_t>(sample_values, 1)),
                      [&](int64_t begin, int64_t end) {
-                       std::vector<double> scratch(5 * L.C);
+                       std::vector<double> scratch(2 * L.C);
+                       std::vector<acc_t<T>> coefficients(3 * L.C);
                        for (int64_t n = begin; n < end; ++n) {
                          moments_of_rows(L, x, n * L.C, (n + 1) * L.C, m_in, v_in);
                          ln_statistics_of(L, n, m_in, v_in, ln);
                          affine_rows(L, x, y, m_in, v_in, ln, bn, n * L.C, (n + 1) * L.C,
-                                     /*block_rows=*/0, scratch.data());
+                                     /*block_rows=*/0, scratch.data(), coefficients.data());
                        }
                      });
     return;
@@ -546,8 +715,10 @@ void forward_passes(const Layer& L, const T* x, T* y, double* m_in, double* v_in
   }
   // The same split of rows over the threads as the moments pass, its last rows first.
   at::parallel_for(0, rows, row_grain(L.S), [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(5 * L.C);
-    affine_rows(L, x, y, m_in, v_in, ln, bn, begin, end, reuse_block_rows<T>(L), scratch.data());
+    std::vector<double> scratch(2 * L.C);
+    std::vector<acc_t<T>> coefficients(3 * L.C);
+    affine_rows(L, x, y, m_in, v_in, ln, bn, begin, end, reuse_block_rows<T>(L), scratch.data(),
+                coefficients.data());
   });
 }
 
@@ -608,9 +779,10 @@ std::tuple<Tensor, Tensor, Tensor> normalize(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
-      std::vector<double> scratch(5 * L.C);
+      std::vector<double> scratch(2 * L.C);
+      std::vector<acc_t<scalar_t>> coefficients(3 * L.C);
       affine_rows(L, xp, yp, m_in, v_in, ln, bn, begin, end, reuse_block_rows<scalar_t>(L),
-                  scratch.data());
+                  scratch.data(), coefficients.data());
     });
   });
   return {y, ln_stats, bn_stats};
@@ -688,54 +860,89 @@ struct GradSums {
   }
 };
 
+// The per-row sums of rows [begin, end) (in runs of one sample, see for_each_run) and what
+// they add to `sums`. scratch: 5 * C doubles and C acc_t<T> values.
 template <typename T>
 inline void grad_sums_of_rows(const Layer& L, const T* dy, const T* x, const double* m_in,
                               const double* ln, const double* bn, int64_t begin, int64_t end,
-                              const RowGrads& rows, GradSums& sums, double* scratch) {
+                              const RowGrads& rows, GradSums& sums, double* scratch,
+                              acc_t<T>* centre) {
   double* sum_dy = scratch;
   double* sum_dy_xc = scratch + L.C;
-  double* mean = scratch + 2 * L.C;
-  double* var = scratch + 3 * L.C;
+  double* sum_xc2 = scratch + 2 * L.C;
+  double* mean = scratch + 3 * L.C;
+  double* var = scratch + 4 * L.C;
   double* bn_sums = sums.bn();
   double* gamma_sums = sums.gamma();
   double* beta_sums = sums.beta();
+  const int64_t S = L.S;
   for_each_run(L, begin, end, /*block_rows=*/0, [&](int64_t n, int64_t c0, int64_t c1) {
-    const int64_t base = n * L.C;
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k = c - c0, r = base + c;
-      const acc_t<T> centre = static_cast<acc_t<T>>(m_in[r]);
-      double s_dy, s_dy_xc, s_xc2;
-      row_grad_sums(dy + r * L.S, x + r * L.S, L.S, centre, s_dy, s_dy_xc, s_xc2);
+    const int64_t base = n * L.C, count = c1 - c0;
+    const double* mi = m_in + base + c0;
+    for (int64_t k = 0; k < count; ++k) {
+      centre[k] = static_cast<acc_t<T>>(mi[k]);  // the row's mean in the input's precision
+    }
+    const T* dy_run = dy + (base + c0) * S;
+    const T* x_run = x + (base + c0) * S;
+    if (S == 1) {  // (N, C) inputs: one value per row, across the channels
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k) {
+        const acc_t<T> g = static_cast<acc_t<T>>(dy_run[k]);
+        const acc_t<T> d = static_cast<acc_t<T>>(x_run[k]) - centre[k];
+        sum_dy[k] = g;
+        sum_dy_xc[k] = static_cast<double>(g) * d;
+        sum_xc2[k] = static_cast<double>(d) * d;
+      }
+    } else if (S <= kBlock) {
+      grad_sums_of_short_rows(dy_run, x_run, S, count, centre, sum_dy, sum_dy_xc, sum_xc2);
+    } else {
+      const Tail<T> tail(S);
+      for (int64_t k = 0; k < count; ++k) {
+        grad_sums_of_long_row(dy_run + k * S, x_run + k * S, S, centre[k], tail, sum_dy[k],
+                              sum_dy_xc[k], sum_xc2[k]);
+      }
+    }
+    double* v_in = rows.v_in + base + c0;
+    const double inv_divisor = L.inv_divisor;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
       // from the rounded centre to the exact mean: sum(x - c) = S * (mean_in - c)
-      const double offset = static_cast<double>(centre) - m_in[r];
-      sum_dy[k] = s_dy;
-      sum_dy_xc[k] = s_dy_xc + offset * s_dy;
-      rows.v_in[r] = std::max(s_xc2 - L.S * offset * offset, 0.0) * L.inv_divisor;
+      const double offset = static_cast<double>(centre[k]) - mi[k];
+      sum_dy_xc[k] += offset * sum_dy[k];
+      v_in[k] = std::max(sum_xc2[k] - S * offset * offset, 0.0) * inv_divisor;
     }
     mix_run(L, n, c0, c1, m_in, rows.v_in, ln, bn, mean, var);
-    const double ln_mean = ln[n], ln_var = ln[L.N + n];
+    const double ln_mean = ln[n], ln_var = ln[L.N + n], eps = L.eps;
+    const double* gamma = L.gamma.data() + c0;
+    const double* bn_mean = bn + c0;
+    const double* bn_var = bn + L.C + c0;
+    double* d_mean = rows.d_mean + base + c0;
+    double* d_var = rows.d_var + base + c0;
+    double* bn_dm = bn_sums + c0;
+    double* bn_dv = bn_sums + L.C + c0;
+    double* gamma_grad = gamma_sums + c0;
+    double* beta_grad = beta_sums + c0;
     double ln_dm = 0, ln_dv = 0, gm0 = 0, gm1 = 0, gm2 = 0, gv0 = 0, gv1 = 0, gv2 = 0;
 #pragma omp simd reduction(+ : ln_dm, ln_dv, gm0, gm1, gm2, gv0, gv1, gv2)
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k = c - c0, r = base + c;
-      const double rstd = 1.0 / std::sqrt(var[k] + L.eps);
-      const double dy_xmean = sum_dy_xc[k] + (m_in[r] - mean[k]) * sum_dy[k];  // sum dy (x - mean)
-      const double dm = -rstd * L.gamma[c] * sum_dy[k];
-      const double dv = -0.5 * rstd * rstd * rstd * L.gamma[c] * dy_xmean;
-      rows.d_mean[r] = dm;
-      rows.d_var[r] = dv;
-      bn_sums[c] += dm;
-      bn_sums[L.C + c] += dv;
-      gamma_sums[c] += rstd * dy_xmean;
-      beta_sums[c] += sum_dy[k];
+    for (int64_t k = 0; k < count; ++k) {
+      const double rstd = 1.0 / std::sqrt(var[k] + eps);
+      const double dy_xmean = sum_dy_xc[k] + (mi[k] - mean[k]) * sum_dy[k];  // sum dy (x - mean)
+      const double dm = -rstd * gamma[k] * sum_dy[k];
+      const double dv = -0.5 * rstd * rstd * rstd * gamma[k] * dy_xmean;
+      d_mean[k] = dm;
+      d_var[k] = dv;
+      bn_dm[k] += dm;
+      bn_dv[k] += dv;
+      gamma_grad[k] += rstd * dy_xmean;
+      beta_grad[k] += sum_dy[k];
       ln_dm += dm;
       ln_dv += dv;
-      gm0 += dm * (m_in[r] - mean[k]);
+      gm0 += dm * (mi[k] - mean[k]);
       gm1 += dm * (ln_mean - mean[k]);
-      gm2 += dm * (bn[c] - mean[k]);
-      gv0 += dv * (rows.v_in[r] - var[k]);
+      gm2 += dm * (bn_mean[k] - mean[k]);
+      gv0 += dv * (v_in[k] - var[k]);
       gv1 += dv * (ln_var - var[k]);
-      gv2 += dv * (bn[L.C + c] - var[k]);
+      gv2 += dv * (bn_var[k] - var[k]);
     }
     sums.ln()[n] += ln_dm;
     sums.ln()[L.N + n] += ln_dv;
@@ -754,9 +961,10 @@ GradSums grad_sums_pass(const Layer& L, const T* dy, const T* x, const double* m
   const bool nested = at::in_parallel_region();
   std::vector<GradSums> partial(nested ? 1 : at::get_num_threads(), GradSums(L.N, L.C));
   at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(4 * L.C);
+    std::vector<double> scratch(5 * L.C);
+    std::vector<acc_t<T>> centre(L.C);
     grad_sums_of_rows(L, dy, x, m_in, ln, bn, begin, end, rows,
-                      partial[nested ? 0 : at::get_thread_num()], scratch.data());
+                      partial[nested ? 0 : at::get_thread_num()], scratch.data(), centre.data());
   });
   GradSums total = std::move(partial[0]);
   for (size_t t = 1; t < partial.size(); ++t) {
@@ -777,38 +985,61 @@ void dx_pass(const Layer& L, const T* dy, const T* x, T* dx, const double* m_in,
              const double* bn, const ConstRowGrads& rows, const double* ln_grad, const double* bn_grad) {
   const double inv_c = L.C > 0 ? 1.0 / L.C : 0.0;
   const double inv_m = L.bn_from_batch() ? 1.0 / std::max(L.count, 1.0) : 0.0;
+  const double ln_factor = L.ln_factor, bn_factor = L.bn_factor, inv_divisor = L.inv_divisor;
+  const double inv_s = L.inv_s, eps = L.eps;
+  const double wm0 = L.wm[0], wm1 = L.wm[1], wm2 = L.wm[2];
+  const double wv0 = L.wv[0], wv1 = L.wv[1], wv2 = L.wv[2];
+  const int64_t S = L.S;
+  using A = acc_t<T>;
   // The same split of rows over the threads as the first pass, its last rows first.
-  at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
-    std::vector<double> scratch(6 * L.C);
+  at::parallel_for(0, L.N * L.C, row_grain(S), [&](int64_t begin, int64_t end) {
+    std::vector<double> scratch(2 * L.C);
+    std::vector<A> coefficients(4 * L.C);
     double* mean = scratch.data();
     double* var = mean + L.C;
-    double* centre = var + L.C;
-    double* k_dy = centre + L.C;
-    double* a_xc = k_dy + L.C;
-    double* b = a_xc + L.C;
+    A* centre = coefficients.data();
+    A* k_dy = centre + L.C;
+    A* a_xc = k_dy + L.C;
+    A* b = a_xc + L.C;
     for_each_run(L, begin, end, reuse_block_rows<T>(L), [&](int64_t n, int64_t c0, int64_t c1) {
       mix_run(L, n, c0, c1, m_in, rows.v_in, ln, bn, mean, var);
-      const double ln_dm = ln_grad[n] * inv_c, ln_dv = ln_grad[L.N + n] * inv_c * L.ln_factor;
+      const double ln_dm = ln_grad[n] * inv_c, ln_dv = ln_grad[L.N + n] * inv_c * ln_factor;
       const double ln_mean = ln[n];
+      const int64_t base = n * L.C + c0, count = c1 - c0;
+      const double* mi = m_in + base;
+      const double* d_mean = rows.d_mean + base;
+      const double* d_var = rows.d_var + base;
+      const double* gamma = L.gamma.data() + c0;
+      const double* bn_mean = bn + c0;
+      const double* bn_dm_sum = bn_grad + c0;
+      const double* bn_dv_sum = bn_grad + L.C + c0;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j = c - c0, r = n * L.C + c;
-        const double bn_dm = bn_grad[c] * inv_m, bn_dv = bn_grad[L.C + c] * inv_m * L.bn_factor;
-        const double grad_mean = L.wm[0] * rows.d_mean[r] + L.wm[1] * ln_dm + L.wm[2] * bn_dm +
-                                 2.0 * L.wv[1] * ln_dv * (m_in[r] - ln_mean) +
-                                 2.0 * L.wv[2] * bn_dv * (m_in[r] - bn[c]);
-        const double grad_var = L.wv[0] * rows.d_var[r] + L.wv[1] * ln_dv + L.wv[2] * bn_dv;
-        const double a = 2.0 * grad_var * L.inv_divisor;
-        centre[j] = static_cast<double>(static_cast<acc_t<T>>(m_in[r]));
-        k_dy[j] = L.gamma[c] / std::sqrt(var[j] + L.eps);
-        a_xc[j] = a;
-        b[j] = grad_mean * L.inv_s + a * (centre[j] - m_in[r]);
+      for (int64_t k = 0; k < count; ++k) {
+        const double bn_dm = bn_dm_sum[k] * inv_m, bn_dv = bn_dv_sum[k] * inv_m * bn_factor;
+        const double grad_mean = wm0 * d_mean[k] + wm1 * ln_dm + wm2 * bn_dm +
+                                 2.0 * wv1 * ln_dv * (mi[k] - ln_mean) +
+                                 2.0 * wv2 * bn_dv * (mi[k] - bn_mean[k]);
+        const double grad_var = wv0 * d_var[k] + wv1 * ln_dv + wv2 * bn_dv;
+        const double a = 2.0 * grad_var * inv_divisor;
+        const A c = static_cast<A>(mi[k]);
+        centre[k] = c;
+        k_dy[k] = static_cast<A>(gamma[k] / std::sqrt(var[k] + eps));
+        a_xc[k] = static_cast<A>(a);
+        b[k] = static_cast<A>(grad_mean * inv_s + a * (static_cast<double>(c) - mi[k]));
       }
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j = c - c0, r = n * L.C + c;
-        row_dx(dy + r * L.S, x + r * L.S, dx + r * L.S, L.S, static_cast<acc_t<T>>(centre[j]),
-               static_cast<acc_t<T>>(k_dy[j]), static_cast<acc_t<T>>(a_xc[j]),
-               static_cast<acc_t<T>>(b[j]));
+      const T* dy_run = dy + base * S;
+      const T* x_run = x + base * S;
+      T* dx_run = dx + base * S;
+      if (S == 1) {  // (N, C) inputs: one value per row, across the channels
+#pragma omp simd
+        for (int64_t k = 0; k < count; ++k) {
+          const A d = static_cast<A>(x_run[k]) - centre[k];
+          dx_run[k] = static_cast<T>(static_cast<A>(dy_run[k]) * k_dy[k] + (d * a_xc[k] + b[k]));
+        }
+        return;
+      }
+      for (int64_t k = 0; k < count; ++k) {
+        row_dx(dy_run + k * S, x_run + k * S, dx_run + k * S, S, centre[k], k_dy[k], a_xc[k], b[k]);
       }
     });
   });

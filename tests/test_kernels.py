@@ -293,9 +293,12 @@ def test_large_offset_moments_and_gradients_stay_accurate(fused):
 
 
 @built
-def test_saved_for_backward_is_within_five_percent_of_batch_norm():
-    """Small maps are where per-(n, c) statistics weigh most: 7x7, as in detector heads."""
-    x = torch.randn(8, 16, 7, 7, requires_grad=True)
+@pytest.mark.parametrize("sn, bn, shape", [(SwitchNorm2d, nn.BatchNorm2d, (8, 16, 7, 7)),
+                                           (SwitchNorm1d, nn.BatchNorm1d, (512, 128))])
+def test_saved_for_backward_is_within_five_percent_of_batch_norm(sn, bn, shape):
+    """Small maps are where per-(n, c) statistics weigh most: 7x7, as in detector heads; an (N, C)
+    input has one value per (n, c), which must not be saved again as its IN mean."""
+    x = torch.randn(shape, requires_grad=True)
 
     def saved(layer):
         storages = {}
@@ -310,7 +313,7 @@ def test_saved_for_backward_is_within_five_percent_of_batch_norm():
 
     previous = kernels.set_backend("cpp")
     try:
-        assert saved(SwitchNorm2d(16)) <= 1.05 * saved(nn.BatchNorm2d(16))
+        assert saved(sn(shape[1])) <= 1.05 * saved(bn(shape[1]))
     finally:
         kernels.set_backend(previous)
 
@@ -376,6 +379,28 @@ def test_torch_compile_with_aot_autograd_matches_eager(fused):
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
     torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch._dynamo.reset()
+
+
+@built
+def test_torch_compile_of_an_n_c_input_matches_eager(fused):
+    """(N, C) inputs keep no IN means: the fake implementation must give the same (N, 0) shape."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(6, 5), randomised(SwitchNorm1d(5)))
+    reference = nn.Sequential(nn.Linear(6, 5), randomised(SwitchNorm1d(5)))
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(16, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc = compiled(xc)
+    ye = reference(xe)
+    torch.testing.assert_close(yc, ye)
+    yc.square().sum().backward()
+    ye.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
     torch._dynamo.reset()
 
 

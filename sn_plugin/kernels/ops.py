@@ -4,7 +4,9 @@ Each op works on a contiguous (N, C, S) input (S the product of the spatial size
 keeps every O(N*C) statistic in float64:
 
 * ``mean_in`` (N, C): the IN means, the only statistic saved for backward besides x
-  (the IN variances are recomputed in the backward's first pass, which reads x anyway);
+  (the IN variances are recomputed in the backward's first pass, which reads x anyway).
+  With one value per (n, c) (S = 1: (N, C) inputs) the means are x itself: ``forward``
+  returns an (N, 0) tensor in their place and ``backward`` reads x;
 * ``ln_stats`` (2, N) = [mean_ln; var_ln] and ``bn_stats`` (2, C) = [mean_bn; var_bn], the
   BN statistics the layer used (batch or running; zeros without a BN branch);
 * ``batch_count``: the number of samples M of the BN branch, a 0-d float64 tensor, given
@@ -95,8 +97,8 @@ def _normalize_fake(x, mean_in, var_in, batch_mean, batch_var, batch_count, mean
 @torch.library.register_fake(f"{NAMESPACE}::forward")
 def _forward_fake(x, mean_logits, var_logits, weight, bias, running_mean, running_var, batch_stats, eps,
                   unbiased, has_in):
-    n, c, _ = x.shape
-    return torch.empty_like(x), _stats(x, n, c), _stats(x, 2, n), _stats(x, 2, c)
+    n, c, s = x.shape
+    return torch.empty_like(x), _stats(x, n, 0 if s == 1 else c), _stats(x, 2, n), _stats(x, 2, c)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::update_running_stats")

@@ -419,6 +419,8 @@ def forward(x, mean_logits, var_logits, weight, bias, running_mean, running_var,
     mean_in, var_in = moments(x, unbiased)
     y, ln_stats, bn_stats = normalize(x, mean_in, var_in, None, None, None, mean_logits, var_logits, weight, bias,
                                       running_mean, running_var, batch_stats, eps, unbiased, has_in)
+    if x.shape[2] == 1:  # one value per (n, c): the means are x itself, nothing to keep (see ops.py)
+        mean_in = mean_in.new_empty((x.shape[0], 0))
     return y, mean_in, ln_stats, bn_stats
 
 
@@ -472,6 +474,8 @@ def backward_dx(grad_out, x, mean_in, row_grads, ln_grad, bn_grad, ln_stats, bn_
 
 def backward(grad_out, x, mean_in, ln_stats, bn_stats, mean_logits, var_logits, weight, batch_stats, eps, unbiased,
              has_in, input_grad):
+    if x.shape[2] == 1:  # forward kept no means: they are x
+        mean_in = x.view(x.shape[0], x.shape[1]).to(STATS)
     row_grads, ln_grad, bn_grad, g_mean, g_var, g_weight, g_bias = backward_reduce(
         grad_out, x, mean_in, ln_stats, bn_stats, None, mean_logits, var_logits, weight, batch_stats, eps,
         unbiased, has_in)

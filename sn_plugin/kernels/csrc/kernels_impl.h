@@ -607,23 +607,27 @@ inline void bn_batch_statistics(const Layer& L, const double* m_in, const double
 
 // ----------------------------------------------------------------- forward
 template <typename T>
-inline void moments_of_rows(const Layer& L, const T* x, int64_t begin, int64_t end, double* m_in,
-                            double* v_in) {
-  const int64_t S = L.S;
+inline void row_moments(const T* x, int64_t S, int64_t count, double inv_s, double inv_divisor,
+                        double* mean, double* var) {
   if (S <= 1) {  // one value per row (or none): no variance
-    for (int64_t r = begin; r < end; ++r) {
-      m_in[r] = S == 1 ? static_cast<double>(x[r]) : 0.0;
-      v_in[r] = 0;
+    for (int64_t r = 0; r < count; ++r) {
+      mean[r] = S == 1 ? static_cast<double>(x[r]) : 0.0;
+      var[r] = 0;
     }
   } else if (S <= kBlock) {
-    moments_of_short_rows(x + begin * S, S, end - begin, L.inv_s, L.inv_divisor, m_in + begin,
-                          v_in + begin);
+    moments_of_short_rows(x, S, count, inv_s, inv_divisor, mean, var);
   } else {
     const Tail<T> tail(S);
-    for (int64_t r = begin; r < end; ++r) {
-      moments_of_long_row(x + r * S, S, tail, L.inv_s, L.inv_divisor, m_in[r], v_in[r]);
+    for (int64_t r = 0; r < count; ++r) {
+      moments_of_long_row(x + r * S, S, tail, inv_s, inv_divisor, mean[r], var[r]);
     }
   }
+}
+
+template <typename T>
+inline void moments_of_rows(const Layer& L, const T* x, int64_t begin, int64_t end, double* m_in,
+                            double* v_in) {
+  row_moments(x + begin * L.S, L.S, end - begin, L.inv_s, L.inv_divisor, m_in + begin, v_in + begin);
 }
 
 // y for rows [begin, end) (block_rows: see for_each_run). scratch: 2 * C doubles and
@@ -722,6 +726,108 @@ void forward_passes(const Layer& L, const T* x, T* y, double* m_in, double* v_in
   });
 }
 
+// ----------------------------------------------------------------- one value per (n, c)
+// Inputs of one value per (n, c) ((N, C) inputs, and (N, C, 1, ...) ones): the IN statistics
+// are the values themselves (mean x, variance 0), so the layer mixes the LN statistics of each
+// sample's C values and the BN statistics of each channel's N values, into a mean and variance
+// per value. The fused ops keep nothing per (n, c): the forward returns no IN means (x holds
+// them: an (N, 0) tensor in their place) and the backward recomputes each value's statistics.
+// The square roots run in the input's math type (float for float, half, bfloat16).
+
+// LN statistics of samples [begin, end): the moments of their C values.
+template <typename T>
+inline void ln_statistics_of_values(const Layer& L, const T* x, int64_t begin, int64_t end,
+                                    double* ln) {
+  const double inv_c = L.C > 0 ? 1.0 / L.C : 0.0;
+  row_moments(x + begin * L.C, L.C, end - begin, inv_c, inv_c, ln + begin, ln + L.N + begin);
+  for (int64_t n = begin; n < end; ++n) {
+    ln[L.N + n] *= L.ln_factor;
+  }
+}
+
+// BN statistics of this batch's channels: sums over n of x - x[0, c] and its square in double,
+// across the channels.
+template <typename T>
+inline void bn_statistics_of_values(const Layer& L, const T* x, double* bn) {
+  const int64_t N = L.N, C = L.C;
+  if (N == 0) {
+    std::fill(bn, bn + 2 * C, 0.0);
+    return;
+  }
+  const double inv_n = 1.0 / N, factor = L.bn_factor;
+  at::parallel_for(0, C, std::max<int64_t>(16, kGrainValues / N), [&](int64_t c0, int64_t c1) {
+    const int64_t count = c1 - c0;
+    std::vector<double> sums(2 * count, 0.0);
+    double* s1 = sums.data();
+    double* s2 = s1 + count;
+    const T* first = x + c0;
+    for (int64_t n = 0; n < N; ++n) {
+      const T* row = x + n * C + c0;
+#pragma omp simd
+      for (int64_t k = 0; k < count; ++k) {
+        const double d = static_cast<double>(row[k]) - static_cast<double>(first[k]);
+        s1[k] += d;
+        s2[k] += d * d;
+      }
+    }
+    double* mean = bn + c0;
+    double* var = bn + C + c0;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      const double m = s1[k] * inv_n;
+      mean[k] = static_cast<double>(first[k]) + m;
+      var[k] = std::max(s2[k] * inv_n - m * m, 0.0) * factor;
+    }
+  });
+}
+
+// What every pass over the values of sample n needs: its LN statistics and the layer's constants.
+struct ValueStats {
+  double wm0, wm1, wm2, wv1, wv2, eps;
+  double ln_mean, ln_var;
+  const double* bn_mean;
+  const double* bn_var;
+  const double* gamma;
+
+  ValueStats(const Layer& L, const double* ln, const double* bn, int64_t n)
+      : wm0(L.wm[0]), wm1(L.wm[1]), wm2(L.wm[2]), wv1(L.wv[1]), wv2(L.wv[2]), eps(L.eps),
+        ln_mean(ln[n]), ln_var(ln[L.N + n]), bn_mean(bn), bn_var(bn + L.C), gamma(L.gamma.data()) {}
+
+  // The mixed mean of value v of channel c (the IN variance is 0, hence no wv0 term).
+  double mean(double v, int64_t c) const { return wm0 * v + wm1 * ln_mean + wm2 * bn_mean[c]; }
+  double var(int64_t c) const { return wv1 * ln_var + wv2 * bn_var[c]; }
+};
+
+template <typename T>
+void forward_of_values(const Layer& L, const T* x, T* y, double* ln, double* bn,
+                       const OptTensor& running_mean, const OptTensor& running_var) {
+  using A = acc_t<T>;
+  const int64_t C = L.C;
+  at::parallel_for(0, L.N, std::max<int64_t>(1, kGrainValues / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) { ln_statistics_of_values(L, x, begin, end, ln); });
+  if (L.bn_from_batch()) {
+    bn_statistics_of_values(L, x, bn);
+  } else {
+    bn_statistics_not_from_batch(L, running_mean, running_var, bn);
+  }
+  const double* beta = L.beta.data();
+  at::parallel_for(0, L.N, std::max<int64_t>(1, kGrainValues / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const ValueStats st(L, ln, bn, n);
+      const T* xn = x + n * C;
+      T* yn = y + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = static_cast<double>(xn[c]);
+        const A rstd = A(1) / std::sqrt(static_cast<A>(st.var(c) + st.eps));
+        const A d = static_cast<A>(v - st.mean(v, c));
+        yn[c] = static_cast<T>(d * (static_cast<A>(st.gamma[c]) * rstd) + static_cast<A>(beta[c]));
+      }
+    }
+  });
+}
+
 Layer moments_layer(const Tensor& x, bool unbiased) {
   Layer L;
   L.N = x.size(0);
@@ -794,14 +900,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(
     bool batch_stats, double eps, bool unbiased, bool has_in) {
   const Layer L = make_layer(x, mean_logits, var_logits, weight, bias, std::nullopt, batch_stats,
                              eps, unbiased, has_in);
-  Tensor mean_in = stats_tensor(x, {L.N, L.C});
+  const bool values = L.S == 1;  // the IN means are x itself: none to keep (see forward_of_values)
+  Tensor mean_in = stats_tensor(x, {L.N, values ? 0 : L.C});
   Tensor ln_stats = stats_tensor(x, {2, L.N}), bn_stats = stats_tensor(x, {2, L.C});
-  std::vector<double> var_in(L.N * L.C);
   Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_forward", [&] {
-    forward_passes<scalar_t>(L, x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                             mean_in.data_ptr<double>(), var_in.data(), ln_stats.data_ptr<double>(),
-                             bn_stats.data_ptr<double>(), running_mean, running_var);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    double* ln = ln_stats.data_ptr<double>();
+    double* bn = bn_stats.data_ptr<double>();
+    if (values) {
+      forward_of_values<scalar_t>(L, xp, yp, ln, bn, running_mean, running_var);
+    } else {
+      const std::unique_ptr<double[]> var_in(new double[L.N * L.C]);  // every entry is written
+      forward_passes<scalar_t>(L, xp, yp, mean_in.data_ptr<double>(), var_in.get(), ln, bn,
+                               running_mean, running_var);
+    }
   });
   return {y, mean_in, ln_stats, bn_stats};
 }
@@ -953,28 +1067,137 @@ inline void grad_sums_of_rows(const Layer& L, const T* dy, const T* x, const dou
   });
 }
 
-// First backward pass over every row; the per-thread sums are combined at the end.
+// The GradSums of each thread of a parallel_for, combined at the end (with the softmax backward
+// of the logits' sums).
+class ThreadSums {
+ public:
+  explicit ThreadSums(const Layer& L)
+      // Inside a parallel region parallel_for runs inline, on the calling thread (number 0).
+      : nested_(at::in_parallel_region()),
+        partial_(nested_ ? 1 : at::get_num_threads(), GradSums(L.N, L.C)) {}
+
+  // The calling thread's sums (inside a parallel_for over the pass).
+  GradSums& mine() {
+    const size_t t = nested_ ? 0 : static_cast<size_t>(at::get_thread_num());
+    TORCH_INTERNAL_ASSERT(t < partial_.size(), "sn_plugin: thread ", t, " of a pass sized for ",
+                          partial_.size());
+    return partial_[t];
+  }
+
+  GradSums total(const Layer& L) {
+    GradSums total = std::move(partial_[0]);
+    for (size_t t = 1; t < partial_.size(); ++t) {
+      total.add(partial_[t]);
+    }
+    for (int k = 0; k < 3; ++k) {  // the softmax backward: w_k * g_k (sum_j w_j g_j is 0)
+      total.logits()[k] *= L.wm[k];
+      total.logits()[3 + k] *= L.wv[k];
+    }
+    return total;
+  }
+
+ private:
+  bool nested_;
+  std::vector<GradSums> partial_;
+};
+
+// First backward pass over every row.
 template <typename T>
 GradSums grad_sums_pass(const Layer& L, const T* dy, const T* x, const double* m_in,
                         const double* ln, const double* bn, const RowGrads& rows) {
-  // Called inside a parallel region, parallel_for runs inline on the calling thread.
-  const bool nested = at::in_parallel_region();
-  std::vector<GradSums> partial(nested ? 1 : at::get_num_threads(), GradSums(L.N, L.C));
+  ThreadSums sums(L);
   at::parallel_for(0, L.N * L.C, row_grain(L.S), [&](int64_t begin, int64_t end) {
     std::vector<double> scratch(5 * L.C);
     std::vector<acc_t<T>> centre(L.C);
-    grad_sums_of_rows(L, dy, x, m_in, ln, bn, begin, end, rows,
-                      partial[nested ? 0 : at::get_thread_num()], scratch.data(), centre.data());
+    grad_sums_of_rows(L, dy, x, m_in, ln, bn, begin, end, rows, sums.mine(), scratch.data(),
+                      centre.data());
   });
-  GradSums total = std::move(partial[0]);
-  for (size_t t = 1; t < partial.size(); ++t) {
-    total.add(partial[t]);
-  }
-  for (int k = 0; k < 3; ++k) {  // the softmax backward: w_k * g_k (sum_j w_j g_j is 0)
-    total.logits()[k] *= L.wm[k];
-    total.logits()[3 + k] *= L.wv[k];
-  }
-  return total;
+  return sums.total(L);
+}
+
+// The same for inputs of one value per (n, c), from each value's recomputed statistics.
+template <typename T>
+GradSums grad_sums_of_values(const Layer& L, const T* dy, const T* x, const double* ln,
+                             const double* bn) {
+  using A = acc_t<T>;
+  const int64_t C = L.C;
+  ThreadSums sums(L);
+  at::parallel_for(0, L.N, std::max<int64_t>(1, kGrainValues / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    GradSums& mine = sums.mine();
+    double* bn_dm = mine.bn();
+    double* bn_dv = bn_dm + C;
+    double* gamma_grad = mine.gamma();
+    double* beta_grad = mine.beta();
+    double* logits = mine.logits();
+    for (int64_t n = begin; n < end; ++n) {
+      const ValueStats st(L, ln, bn, n);
+      const T* xn = x + n * C;
+      const T* dyn = dy + n * C;
+      double ln_dm = 0, ln_dv = 0, gm0 = 0, gm1 = 0, gm2 = 0, gv0 = 0, gv1 = 0, gv2 = 0;
+#pragma omp simd reduction(+ : ln_dm, ln_dv, gm0, gm1, gm2, gv0, gv1, gv2)
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = static_cast<double>(xn[c]), g = static_cast<double>(dyn[c]);
+        const double mean = st.mean(v, c), var = st.var(c);
+        const double rstd = static_cast<double>(A(1) / std::sqrt(static_cast<A>(var + st.eps)));
+        const double dy_xmean = (v - mean) * g;  // sum dy (x - mean) over the value's "row"
+        const double dm = -rstd * st.gamma[c] * g;
+        const double dv = -0.5 * rstd * rstd * rstd * st.gamma[c] * dy_xmean;
+        bn_dm[c] += dm;
+        bn_dv[c] += dv;
+        gamma_grad[c] += rstd * dy_xmean;
+        beta_grad[c] += g;
+        ln_dm += dm;
+        ln_dv += dv;
+        gm0 += dm * (v - mean);
+        gm1 += dm * (st.ln_mean - mean);
+        gm2 += dm * (st.bn_mean[c] - mean);
+        gv0 += dv * (0.0 - var);  // the IN variance is 0
+        gv1 += dv * (st.ln_var - var);
+        gv2 += dv * (st.bn_var[c] - var);
+      }
+      mine.ln()[n] += ln_dm;
+      mine.ln()[L.N + n] += ln_dv;
+      const double g[6] = {gm0, gm1, gm2, gv0, gv1, gv2};
+      for (int k = 0; k < 6; ++k) {
+        logits[k] += g[k];
+      }
+    }
+  });
+  return sums.total(L);
+}
+
+// dx for inputs of one value per (n, c): dx_pass's formula, where x - mean_in is 0.
+template <typename T>
+void dx_of_values(const Layer& L, const T* dy, const T* x, T* dx, const double* ln,
+                  const double* bn, const double* ln_grad, const double* bn_grad) {
+  using A = acc_t<T>;
+  const int64_t C = L.C;
+  const double inv_c = C > 0 ? 1.0 / C : 0.0;
+  const double inv_m = L.bn_from_batch() ? 1.0 / std::max(L.count, 1.0) : 0.0;
+  const double ln_factor = L.ln_factor, bn_factor = L.bn_factor;
+  at::parallel_for(0, L.N, std::max<int64_t>(1, kGrainValues / std::max<int64_t>(C, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const ValueStats st(L, ln, bn, n);
+      const double ln_dm = ln_grad[n] * inv_c, ln_dv = ln_grad[L.N + n] * inv_c * ln_factor;
+      const T* xn = x + n * C;
+      const T* dyn = dy + n * C;
+      T* dxn = dx + n * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = static_cast<double>(xn[c]), g = static_cast<double>(dyn[c]);
+        const double rstd =
+            static_cast<double>(A(1) / std::sqrt(static_cast<A>(st.var(c) + st.eps)));
+        const double scale = st.gamma[c] * rstd;
+        const double bn_dm = bn_grad[c] * inv_m, bn_dv = bn_grad[C + c] * inv_m * bn_factor;
+        const double grad_mean = -st.wm0 * scale * g + st.wm1 * ln_dm + st.wm2 * bn_dm +
+                                 2.0 * st.wv1 * ln_dv * (v - st.ln_mean) +
+                                 2.0 * st.wv2 * bn_dv * (v - st.bn_mean[c]);
+        dxn[c] = static_cast<T>(static_cast<A>(scale * g + grad_mean));
+      }
+    }
+  });
 }
 
 // dx = k * dy + a * (x - mean_in) + b per row, from the gradients of the IN statistics
@@ -1117,12 +1340,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     bool input_grad_wanted) {
   const Layer L = make_layer(x, mean_logits, var_logits, weight, std::nullopt, std::nullopt,
                              batch_stats, eps, unbiased, has_in);
+  const double* ln = ln_stats.const_data_ptr<double>();
+  const double* bn = bn_stats.const_data_ptr<double>();
+  if (L.S == 1) {  // one value per (n, c): mean_in is x itself (see forward_of_values)
+    Tensor dx = input_grad_wanted ? at::empty_like(x) : at::empty({0}, x.options());
+    GradSums sums(0, 0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sn_backward_values", [&] {
+      const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      sums = grad_sums_of_values<scalar_t>(L, dyp, xp, ln, bn);
+      if (input_grad_wanted) {
+        dx_of_values<scalar_t>(L, dyp, xp, dx.data_ptr<scalar_t>(), ln, bn, sums.ln(), sums.bn());
+      }
+    });
+    auto [g_mean, g_var, g_gamma, g_beta] = param_grads(L, sums, mean_logits);
+    return {dx, g_mean, g_var, g_gamma, g_beta};
+  }
   const int64_t rows = L.N * L.C;
   const std::unique_ptr<double[]> row_data(new double[3 * rows]);  // every entry is written
   const RowGrads row_grads{row_data.get(), row_data.get() + rows, row_data.get() + 2 * rows};
   const double* m_in = mean_in.const_data_ptr<double>();
-  const double* ln = ln_stats.const_data_ptr<double>();
-  const double* bn = bn_stats.const_data_ptr<double>();
   GradSums sums = grad_sums(L, grad_out, x, m_in, ln, bn, row_grads);
   Tensor dx = input_grad_wanted
                   ? input_grad(L, grad_out, x, m_in, ln, bn,

@@ -5,7 +5,8 @@
 //   normalize(...)        LN/BN statistics, mixing, y; the BN statistics come from the batch,
 //                         from batch_mean/batch_var/batch_count (SyncSN, already reduced over the
 //                         processes) or from the running statistics
-//   forward(...)          moments + normalize on this call's batch: (y, mean_in, ln, bn stats)
+//   forward(...)          moments + normalize on this call's batch: (y, mean_in, ln, bn stats);
+//                         mean_in is (N, 0) for one value per (n, c) (the means are x)
 //   update_running_stats  the running statistics' moving average (in place)
 //   backward_reduce(...)  per-row sums and their reductions: row_grads (3, N, C) =
 //                         [dL/dmean, dL/dvar, var_in], ln_grad (2, N), bn_grad (2, C) (to be
@@ -148,10 +149,13 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
                                  spatial_size, momentum, unbiased);
 }
 
+// values_kept_no_means: the fused forward's (N, 0) mean_in of one value per (n, c) is accepted.
 void check_saved(const Tensor& x, const Tensor& mean_in, const Tensor& ln_stats,
-                 const Tensor& bn_stats) {
+                 const Tensor& bn_stats, bool values_kept_no_means = false) {
   const int64_t N = x.size(0), C = x.size(1);
-  check_stats(mean_in, {N, C}, "mean_in");
+  const bool no_means = values_kept_no_means && x.size(2) == 1 && mean_in.dim() == 2 &&
+                        mean_in.size(1) == 0;
+  check_stats(mean_in, {N, no_means ? 0 : C}, "mean_in");
   check_stats(ln_stats, {2, N}, "ln_stats");
   check_stats(bn_stats, {2, C}, "bn_stats");
 }
@@ -193,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     bool input_grad) {
   check_layer(x, mean_logits, var_logits, weight, std::nullopt);
   check_grad(grad_out, x);
-  check_saved(x, mean_in, ln_stats, bn_stats);
+  check_saved(x, mean_in, ln_stats, bn_stats, /*values_kept_no_means=*/true);
   return kernels().backward(grad_out, x, mean_in, ln_stats, bn_stats, mean_logits, var_logits,
                             weight, batch_stats, eps, unbiased, has_in, input_grad);
 }

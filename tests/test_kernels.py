@@ -328,6 +328,16 @@ def test_no_host_synchronisation_in_forward_or_backward(fused, training):
     assert x.grad is not None
 
 
+@built
+def test_the_layer_adds_no_view_nodes_to_the_autograd_graph(fused):
+    """The ops take (N, C, *) inputs as they are: a view node around the op would cost a
+    fixed time in forward and backward on every call, which small layers notice."""
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y = SwitchNorm2d(3)(x)
+    inputs = [fn.variable for fn, _ in y.grad_fn.next_functions if hasattr(fn, "variable")]
+    assert any(v is x for v in inputs), type(y.grad_fn).__name__
+
+
 def test_host_sync_guard_catches_reads():
     with no_host_sync(), pytest.raises(AssertionError, match="item"):
         torch.ones(1).item()

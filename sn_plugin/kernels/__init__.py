@@ -122,9 +122,8 @@ def switch_norm(
     host synchronisation: under a process group the BN statistics are gathered and the
     gradients reduced on the device.
     """
-    n, c = input.shape[0], input.shape[1]
-    s = math.prod(input.shape[2:])
-    x = input.reshape(n, c, s).contiguous()
+    n, s = input.shape[0], math.prod(input.shape[2:])
+    x = input.contiguous()  # the ops take (N, C, *): no view, no autograd node of its own
     has_bn = mean_logits.numel() == 3
     batch_stats = training or running_mean is None
     if not has_bn:
@@ -144,7 +143,7 @@ def switch_norm(
         if update:
             ops.update_running_stats(running_mean, running_var, bn_stats, None, n, s, momentum,
                                      unbiased_instance_var)
-    return restore_layout(y.view(input.shape), input)
+    return restore_layout(y, input)
 
 
 def restore_layout(out: Tensor, input: Tensor) -> Tensor:

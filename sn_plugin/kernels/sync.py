@@ -6,6 +6,8 @@ E[x^2] - E[x]^2 cancellation) -> ``normalize``. Backward: ``backward_reduce`` ->
 ``all_reduce`` of the per-channel sums of dL/dmean_bn, dL/dvar_bn -> ``backward_dx``.
 Every step stays on the device: the sample count is a tensor, never read on the host.
 """
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -49,7 +51,7 @@ class _SyncSwitchNorm(torch.autograd.Function):
         y, ln_stats, bn_stats = ops.normalize(x, mean_in, var_in, batch_mean, batch_var, count, mean_logits,
                                               var_logits, weight, bias, None, None, True, eps, unbiased, has_in)
         if running_mean is not None:
-            ops.update_running_stats(running_mean, running_var, bn_stats, count, x.shape[0], x.shape[2],
+            ops.update_running_stats(running_mean, running_var, bn_stats, count, x.shape[0], math.prod(x.shape[2:]),
                                      momentum, unbiased)
         ctx.save_for_backward(x, mean_in, ln_stats, bn_stats, count, mean_logits, var_logits, weight)
         ctx.group, ctx.flags = group, (True, eps, unbiased, has_in)
@@ -77,7 +79,7 @@ class _SyncSwitchNorm(torch.autograd.Function):
 
 def sync_switch_norm(x: Tensor, mean_logits: Tensor, var_logits: Tensor, weight, bias, running_mean, running_var,
                      momentum: float, group, eps: float, unbiased: bool, has_in: bool) -> Tensor:
-    """SN of the contiguous (N, C, S) ``x``, BN statistics over ``group``; updates the running statistics if given."""
+    """SN of the contiguous (N, C, *) ``x``, BN statistics over ``group``; updates the running statistics if given."""
     with torch.autocast(x.device.type, enabled=False):  # the gathered statistics stay in float64
         return _SyncSwitchNorm.apply(x, mean_logits, var_logits, weight, bias, running_mean, running_var, momentum,
                                      group, eps, unbiased, has_in)

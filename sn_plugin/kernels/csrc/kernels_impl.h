@@ -493,7 +493,7 @@ inline Layer make_layer(const Tensor& x, const Tensor& mean_logits, const Tensor
   Layer L;
   L.N = x.size(0);
   L.C = x.size(1);
-  L.S = x.size(2);
+  L.S = spatial_size(x);
   L.has_bn = mean_logits.numel() == 3;
   L.batch_stats = batch_stats;
   L.eps = eps;
@@ -832,7 +832,7 @@ Layer moments_layer(const Tensor& x, bool unbiased) {
   Layer L;
   L.N = x.size(0);
   L.C = x.size(1);
-  L.S = x.size(2);
+  L.S = spatial_size(x);
   L.inv_s = L.S > 0 ? 1.0 / L.S : 0.0;
   L.in_divisor = static_cast<double>(unbiased && L.S > 1 ? L.S - 1 : L.S);
   L.inv_divisor = L.in_divisor > 0 ? 1.0 / L.in_divisor : 0.0;

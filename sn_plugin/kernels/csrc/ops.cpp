@@ -51,8 +51,8 @@ const char* chosen_capability() {
 }
 
 void check_input(const Tensor& x) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(),
-              "sn_plugin: the input must be a contiguous (N, C, S) tensor, got sizes ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(),
+              "sn_plugin: the input must be a contiguous (N, C, *) tensor, got sizes ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()),
               "sn_plugin: the input must be floating point, got ", x.scalar_type());
 }
@@ -153,7 +153,7 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
 void check_saved(const Tensor& x, const Tensor& mean_in, const Tensor& ln_stats,
                  const Tensor& bn_stats, bool values_kept_no_means = false) {
   const int64_t N = x.size(0), C = x.size(1);
-  const bool no_means = values_kept_no_means && x.size(2) == 1 && mean_in.dim() == 2 &&
+  const bool no_means = values_kept_no_means && spatial_size(x) == 1 && mean_in.dim() == 2 &&
                         mean_in.size(1) == 0;
   check_stats(mean_in, {N, no_means ? 0 : C}, "mean_in");
   check_stats(ln_stats, {2, N}, "ln_stats");

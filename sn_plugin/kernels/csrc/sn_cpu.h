@@ -2,8 +2,8 @@
 // kernel files (kernels_*.cpp). The schemas of the ops live in sn_plugin/kernels/ops.py;
 // the signatures below follow them (Tensor? -> optional<Tensor>, float -> double, int -> int64_t).
 //
-// Conventions of every op: x is a contiguous (N, C, S) tensor (S = product of the spatial
-// sizes), the per-(n, c) and per-layer statistics are float64 tensors, and
+// Conventions of every op: x is a contiguous (N, C, *) tensor (S = the product of its spatial
+// sizes, 1 for an (N, C) input), the per-(n, c) and per-layer statistics are float64 tensors, and
 //   ln_stats (2, N) = [mean_ln; var_ln], bn_stats (2, C) = [mean_bn; var_bn] (the BN
 //   statistics the layer used: batch or running, zeros without a BN branch),
 //   batch_count: the number of samples M of the BN branch as a 0-d float64 tensor (SyncSN,
@@ -58,5 +58,14 @@ struct CpuKernels {
 const CpuKernels* kernels_default();
 const CpuKernels* kernels_avx2();
 const CpuKernels* kernels_avx512();
+
+// S: the values of one (n, c), the product of x's sizes after the first two.
+inline int64_t spatial_size(const Tensor& x) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    s *= x.size(d);
+  }
+  return s;
+}
 
 }  // namespace sn_plugin

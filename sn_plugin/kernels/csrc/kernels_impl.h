@@ -661,7 +661,7 @@ inline void affine_rows(const Layer& L, const T* x, T* y, const double* m_in, co
     }
     const T* x_run = x + base * S;
     T* y_run = y + base * S;
-    if (S == 1) {  // (N, C) inputs: one value per row, across the channels
+    if (S == 1) {  // one value per row (synchronized SN; the fused ops take the values path)
 #pragma omp simd
       for (int64_t k = 0; k < count; ++k) {
         y_run[k] = static_cast<T>((static_cast<A>(x_run[k]) - centre[k]) * scale[k] + shift[k]);
@@ -998,7 +998,7 @@ inline void grad_sums_of_rows(const Layer& L, const T* dy, const T* x, const dou
     }
     const T* dy_run = dy + (base + c0) * S;
     const T* x_run = x + (base + c0) * S;
-    if (S == 1) {  // (N, C) inputs: one value per row, across the channels
+    if (S == 1) {  // one value per row (synchronized SN; the fused ops take the values path)
 #pragma omp simd
       for (int64_t k = 0; k < count; ++k) {
         const acc_t<T> g = static_cast<acc_t<T>>(dy_run[k]);
@@ -1253,7 +1253,7 @@ void dx_pass(const Layer& L, const T* dy, const T* x, T* dx, const double* m_in,
       const T* dy_run = dy + base * S;
       const T* x_run = x + base * S;
       T* dx_run = dx + base * S;
-      if (S == 1) {  // (N, C) inputs: one value per row, across the channels
+      if (S == 1) {  // one value per row (synchronized SN; the fused ops take the values path)
 #pragma omp simd
         for (int64_t k = 0; k < count; ++k) {
           const A d = static_cast<A>(x_run[k]) - centre[k];

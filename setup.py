@@ -65,7 +65,7 @@ def extension_build():
         KERNEL_SOURCES,
         # -fopenmp: ATen's parallel_for is OpenMP in torch's builds and runs serially without it
         # (the process shares torch's libgomp); -fno-math-errno lets sqrt vectorise.
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]},
+        extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-Wno-unknown-pragmas"]},
         extra_link_args=["-fopenmp"],
     )
     return [kernels], {"build_ext": OptionalBuildExtension}

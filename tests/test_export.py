@@ -96,3 +96,30 @@ def test_exporting_a_training_synchronized_layer_is_refused_with_the_fix():
             torch.export.export(Synced(), (torch.randn(2, 6, 4, 4),))
     finally:
         kernels.set_backend(previous)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_exported_program_takes_other_batch_sizes_and_image_sizes(backend):
+    previous = kernels.set_backend(backend)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), model_with(SwitchNorm2d)).eval()
+        batch, height = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("height", min=2, max=512)
+        program = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch, 2: height},))
+        other = torch.randn(5, 3, 12, 8)
+        torch.testing.assert_close(program.module()(other), model(other), rtol=1e-5, atol=1e-5)
+    finally:
+        kernels.set_backend(previous)
+
+
+def test_onnx_model_takes_other_batch_sizes_and_image_sizes(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), model_with(SwitchNorm2d)).eval()
+    batch, height = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("height", min=2, max=512)
+    path = tmp_path / "sn.onnx"
+    torch.onnx.export(model, (torch.randn(2, 3, 8, 8),), str(path), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: batch, 2: height},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randn(5, 3, 12, 8)
+    (output,) = session.run(None, {session.get_inputs()[0].name: other.numpy()})
+    torch.testing.assert_close(torch.from_numpy(output), model(other), rtol=1e-5, atol=1e-5)

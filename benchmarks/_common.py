@@ -5,8 +5,10 @@ The file writers, the machine record and the tables come from
 them). The detection benchmarks train with ``tools/train_coco_detector.py``,
 each training in its own process: :func:`run_trainings`.
 """
+import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 from typing import Dict, Hashable, List, Sequence
 
 from sn_plugin.apps.coco_detector import RECORDED_PACKAGES
-from sn_plugin.reports import (machine_record, markdown_table, save_figure_atomically, write_atomically,
-                               write_json_atomically)
+from sn_plugin.reports import (machine_line, machine_record, markdown_table, save_figure_atomically,
+                               write_atomically, write_json_atomically)
 
-__all__ = ["RECORDED_PACKAGES", "REPO", "RESULTS_DIR", "TRAIN_COMMAND", "Training", "machine_record",
-           "markdown_table", "run_trainings", "save_figure_atomically", "write_atomically", "write_json_atomically"]
+__all__ = ["RECORDED_PACKAGES", "REPO", "RESULTS_DIR", "TRAIN_COMMAND", "Training", "add_training_arguments",
+           "format_ap", "machine_line", "machine_record", "markdown_table", "require_writable_folder", "run_trainings",
+           "save_figure_atomically", "stop_on_sigterm", "write_atomically", "write_json_atomically"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
@@ -33,6 +36,38 @@ class Training:
     key: Hashable
     arguments: Sequence[str]
     out: str
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, norms: Sequence[str], runs_folder: str,
+                           results: str, data_help: str = "dataset folder") -> None:
+    """The options of every benchmark made of trainings of ``tools/train_coco_detector.py``."""
+    parser.add_argument("--norms", nargs="+", choices=norms, default=list(norms))
+    parser.add_argument("--workers", type=int, default=1, help="trainings run at a time (default: %(default)s)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished trainings found under --runs")
+    parser.add_argument("--out", default=RESULTS_DIR, help=f"folder for {results}")
+    parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", runs_folder),
+                        help="folder for the trainings' own outputs and logs")
+    parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"), help=data_help)
+
+
+def require_writable_folder(parser: argparse.ArgumentParser, folder: str) -> None:
+    """Make ``folder`` (a results ``--out``), or stop with the fix before any training starts."""
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        parser.error(f"cannot write to {folder}; pass a writable --out")
+
+
+def format_ap(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def stop_on_sigterm() -> None:
+    """Make ``kill`` unwind like Ctrl-C, so that :func:`run_trainings` stops its trainings, which remove
+    their partial output."""
+    def raise_keyboard_interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
 
 def run_trainings(trainings: Sequence[Training], workers: int = 1, reuse: bool = False) -> Dict[Hashable, dict]:

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import (machine_record, markdown_table, save_figure_atomically,  # noqa: E402
+from benchmarks._common import (machine_line, machine_record, markdown_table, save_figure_atomically,  # noqa: E402
                                 write_atomically, write_json_atomically)
 from sn_plugin import SwitchNorm2d, importance_weights  # noqa: E402
 
@@ -195,9 +195,7 @@ def render_markdown(table, batch_sizes, seeds, samples, test_samples, record, wa
         + markdown_table(header, rows)
         + "\nSN's importance weights, averaged over its 9 layers and the seeds (Fig. 4):\n\n" + weights
         + "\nPaper, Table 2 (ResNet-50, ImageNet, 8 GPUs, top-1 %):\n\n" + paper
-        + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall_seconds / 60:.1f} min; command: `{record['command']}`.\n"
+        + "\n" + machine_line(record, wall_seconds)
     )
 
 

@@ -33,7 +33,7 @@ from typing import Dict, List
 import torch
 from torch.nn import functional as F
 
-from benchmarks._common import machine_record, markdown_table, write_atomically, write_json_atomically
+from benchmarks._common import machine_line, machine_record, markdown_table, write_atomically, write_json_atomically
 from benchmarks._digits import Digits, accuracy, basic_resnet, load_digits
 from sn_plugin import consistent_branch, consistent_train_step, convert_to_cn
 
@@ -144,9 +144,7 @@ def render_markdown(table, runs, args, record, wall: float, test_samples: int) -
         + markdown_table(["method", "gain"], gains)
         + "\nPaper, Table 1 (CIFAR-10 validation top-1 %; the CIFAR-10-a rows are models trained on the "
           "augmented set):\n\n" + paper
-        + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall / 60:.1f} min; command: `{record['command']}`.\n"
+        + "\n" + machine_line(record, wall)
     )
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks._common import (machine_record, markdown_table, save_figure_atomically, write_atomically,
+from benchmarks._common import (machine_line, machine_record, markdown_table, save_figure_atomically, write_atomically,
                                 write_json_atomically)
 from benchmarks._digits import load_digits
 from sn_plugin import estimation_shift, plot_estimation_shift_history
@@ -258,9 +258,7 @@ def render_markdown(one: Dict, two_table: Dict, args, record, wall: float) -> st
         + note
         + "\nPaper (MNIST, |S| = 32): test error 73.02% with BN, 57.73% without BN.\n\n"
         "Figure: `estimation_shift.png` (rows: BN setup one, GNBN setup one, setup two).\n\n"
-        f"Machine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall / 60:.1f} min; command: `{record['command']}`.\n"
+        + machine_line(record, wall)
     )
 
 

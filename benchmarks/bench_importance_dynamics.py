@@ -38,8 +38,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from _common import (REPO, RESULTS_DIR, RECORDED_PACKAGES, machine_record, markdown_table, save_figure_atomically,
-                     write_atomically, write_json_atomically)
+from _common import (REPO, RESULTS_DIR, RECORDED_PACKAGES, machine_line, machine_record, markdown_table,
+                     save_figure_atomically, write_atomically, write_json_atomically)
 from sn_plugin import SwitchNormBase
 from sn_plugin.apps import coco_detector
 
@@ -233,9 +233,7 @@ def render_markdown(results: List[dict], interval: int, record: dict, wall_secon
         "is clipped (1 otherwise); it scales every gradient, the logits' included. A weight of 1/2 on one branch "
         "needs its logit ln 2 = 0.69 above the others.\n\n"
         + markdown_table(header, rows)
-        + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall_seconds / 60:.1f} min; command: `{record['command']}`.\n"
+        + "\n" + machine_line(record, wall_seconds)
     )
 
 

@@ -23,12 +23,12 @@ interruption.
 """
 import argparse
 import os
-import signal
 import time
 from typing import Dict, List, Sequence, Tuple
 
-from _common import (REPO, RESULTS_DIR, RECORDED_PACKAGES, Training, machine_record, markdown_table,
-                     run_trainings, write_atomically, write_json_atomically)
+from _common import (RECORDED_PACKAGES, Training, add_training_arguments, format_ap, machine_line, machine_record,
+                     markdown_table, require_writable_folder, run_trainings, stop_on_sigterm, write_atomically,
+                     write_json_atomically)
 from sn_plugin.apps.coco_detector import PREDICTIONS, CocoPictures, CommandError, builtin_dataset
 from sn_plugin.reports import format_mean_spread, mean_and_spread, save_image_grid
 
@@ -67,7 +67,7 @@ def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], seeds: Seq
     header = ["norm", *[f"{LABELS[kind]} {metric}" for kind, metric in METRICS]]
     rows = [[norm, *[format_mean_spread(cells[f"{kind}_{metric}"]) for kind, metric in METRICS]]
             for norm, cells in table.items()]
-    per_seed = [[norm, seed, *[_fmt(run[kind][metric]) for kind, metric in METRICS], f"{run['train_minutes']:.1f}"]
+    per_seed = [[norm, seed, *[format_ap(run[kind][metric]) for kind, metric in METRICS], f"{run['train_minutes']:.1f}"]
                 for (norm, seed), run in sorted(results.items(), key=lambda item: (item[0][0], item[0][1]))]
     return (
         "# Mask R-CNN from scratch on real nuclei images: BN vs GN vs SN\n\n"
@@ -83,14 +83,8 @@ def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], seeds: Seq
         + "\nEvery training:\n\n"
         + markdown_table(["norm", "seed", *header[1:], "train min"], per_seed)
         + f"\n![predictions on a val tile]({os.path.basename(picture)})\n"
-        + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall_seconds / 60:.1f} min; command: `{record['command']}`.\n"
+        + "\n" + machine_line(record, wall_seconds)
     )
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
 
 
 def draw_val_tile(results: Dict[Key, dict], trainings: Sequence[Training], path: str) -> None:
@@ -107,32 +101,20 @@ def draw_val_tile(results: Dict[Key, dict], trainings: Sequence[Training], path:
                                                                for t in shown], path)
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
 def main(argv=None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_SCHEDULE} iterations, seeds {QUICK_SEEDS}")
     parser.add_argument("--max-iters", type=int, help=f"iterations per training (default {SCHEDULE})")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {SEEDS})")
-    parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
-    parser.add_argument("--workers", type=int, default=1, help="trainings run at a time (default: %(default)s)")
-    parser.add_argument("--reuse", action="store_true", help="keep finished trainings found under --runs")
-    parser.add_argument("--out", default=RESULTS_DIR, help="folder for nuclei_detection.{md,json,png}")
-    parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", "nuclei_detection_runs"),
-                        help="folder for the trainings' own outputs and logs")
-    parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"),
-                        help="dataset folder (the nuclei tiles are made in DATA/sn_nuclei)")
+    add_training_arguments(parser, NORMS, "nuclei_detection_runs", "nuclei_detection.{md,json,png}",
+                           data_help="dataset folder (the nuclei tiles are made in DATA/sn_nuclei)")
     args = parser.parse_args(argv)
     max_iters = args.max_iters or (QUICK_SCHEDULE if args.quick else SCHEDULE)
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
     if max_iters < 1:
         parser.error("--max-iters must be >= 1")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        parser.error(f"cannot write to {args.out}; pass a writable --out")
+    require_writable_folder(parser, args.out)
     try:
         builtin_dataset("nuclei", args.data)  # fetched and made once, before the trainings that share it
     except CommandError as error:
@@ -159,6 +141,5 @@ def main(argv=None) -> Dict[str, dict]:
 
 
 if __name__ == "__main__":
-    # `kill` unwinds like Ctrl-C: the running trainings are stopped and remove their partial output
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     main()

@@ -25,12 +25,12 @@ interruption.
 """
 import argparse
 import os
-import signal
 import time
 from typing import Dict, List, Sequence, Tuple
 
-from _common import (REPO, RESULTS_DIR, RECORDED_PACKAGES, Training, machine_record, markdown_table,
-                     run_trainings, save_figure_atomically, write_atomically, write_json_atomically)
+from _common import (RECORDED_PACKAGES, Training, add_training_arguments, format_ap, machine_line, machine_record,
+                     markdown_table, require_writable_folder, run_trainings, save_figure_atomically, stop_on_sigterm,
+                     write_atomically, write_json_atomically)
 from sn_plugin.apps.coco_detector import builtin_dataset
 from sn_plugin.reports import format_mean_spread, mean_and_spread
 
@@ -85,8 +85,8 @@ def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], schedules:
     per_seed = []
     for (norm, schedule, seed), summary in sorted(results.items(), key=lambda item: (item[0][1], item[0][0],
                                                                                      item[0][2])):
-        per_seed.append([norm, schedule, seed, _fmt(summary["bbox"]["AP"]), _fmt(summary["bbox"]["AP50"]),
-                         _fmt(summary["segm"]["AP"]), f"{summary['train_minutes']:.1f}"])
+        per_seed.append([norm, schedule, seed, format_ap(summary["bbox"]["AP"]), format_ap(summary["bbox"]["AP50"]),
+                         format_ap(summary["segm"]["AP"]), f"{summary['train_minutes']:.1f}"])
     paper = markdown_table(["norm (backbone and head)", "AP", "AP50", "AP75"],
                            [[norm] + [f"{v:.1f}" for v in PAPER_TABLE7[norm]] for norm in NORMS])
     return (
@@ -101,14 +101,8 @@ def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], schedules:
         + "\nEvery training:\n\n"
         + markdown_table(["norm", "iterations", "seed", "box AP", "box AP50", "mask AP", "train min"], per_seed)
         + "\nPaper, Table 7 lower part (Faster R-CNN, ResNet-50, COCO, from scratch, box AP):\n\n" + paper
-        + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall_seconds / 60:.1f} min; command: `{record['command']}`.\n"
+        + "\n" + machine_line(record, wall_seconds)
     )
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
 
 
 def plot(table: Dict[str, dict], schedules: Sequence[int], path: str) -> None:
@@ -181,10 +175,6 @@ def render_curves(table: Dict[str, Dict[str, list]], schedule: int) -> str:
             + markdown_table(["", "norm", *[str(i) for i in iterations]], rows))
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
-
-
 def main(argv=None) -> Dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -192,13 +182,7 @@ def main(argv=None) -> Dict[str, dict]:
                              f"{QUICK_SEEDS}")
     parser.add_argument("--schedules", type=int, nargs="+", help=f"iterations per training (default {SCHEDULES})")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {SEEDS})")
-    parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
-    parser.add_argument("--workers", type=int, default=1, help="trainings run at a time (default: %(default)s)")
-    parser.add_argument("--reuse", action="store_true", help="keep finished trainings found under --runs")
-    parser.add_argument("--out", default=RESULTS_DIR, help="folder for scratch_detection.{md,json,png}")
-    parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", "scratch_detection_runs"),
-                        help="folder for the trainings' own outputs and logs")
-    parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"), help="dataset folder")
+    add_training_arguments(parser, NORMS, "scratch_detection_runs", "scratch_detection.{md,json,png}")
     parser.add_argument("--val-interval", type=int, default=0, metavar="N",
                         help="also evaluate every N iterations, for AP-against-iteration curves of the longest "
                              "schedule (default: only at the end)")
@@ -207,9 +191,7 @@ def main(argv=None) -> Dict[str, dict]:
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
     if min(schedules) < 1:
         parser.error("--schedules must be >= 1")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        parser.error(f"cannot write to {args.out}; pass a writable --out")
+    require_writable_folder(parser, args.out)
 
     started = time.time()
     builtin_dataset("shapes", args.data, args.quick)  # made once, before the trainings that share it
@@ -237,6 +219,5 @@ def main(argv=None) -> Dict[str, dict]:
 
 
 if __name__ == "__main__":
-    # `kill` unwinds like Ctrl-C: the running trainings get the signal too and remove their partial output
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     main()

@@ -27,12 +27,12 @@ own output folder and log are kept under ``--runs``; ``--reuse`` keeps finished 
 """
 import argparse
 import os
-import signal
 import time
 from typing import Dict, List, Sequence, Tuple
 
-from _common import (REPO, RESULTS_DIR, RECORDED_PACKAGES, Training, machine_record, markdown_table, run_trainings,
-                     write_atomically, write_json_atomically)
+from _common import (RECORDED_PACKAGES, Training, add_training_arguments, format_ap, machine_line, machine_record,
+                     markdown_table, require_writable_folder, run_trainings, stop_on_sigterm, write_atomically,
+                     write_json_atomically)
 from sn_plugin.apps.coco_detector import builtin_dataset, default_config
 from sn_plugin.reports import format_mean_spread, mean_and_spread
 
@@ -88,7 +88,7 @@ def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], seeds: Seq
     dataset = first["dataset"]
     rows = [[norm] + [format_mean_spread(cells[f"{kind}_{metric}"]) for kind, _ in KINDS for metric in ("AP", "AP50")]
             for norm, cells in table.items()]
-    every = [[norm, seed, _fmt(r["bbox"]["AP"]), _fmt(r["bbox"]["AP50"]), _fmt(r["segm"]["AP"]),
+    every = [[norm, seed, format_ap(r["bbox"]["AP"]), format_ap(r["bbox"]["AP50"]), format_ap(r["segm"]["AP"]),
               f"{r['train_minutes']:.1f}"] for (norm, seed), r in sorted(results.items(), key=lambda i: i[0][::-1])]
     paper = markdown_table(["norm", "2 images per GPU", "4", "8"],
                            [[norm] + [f"{v:.2f}" for v in PAPER_TABLE6[norm]] for norm in NORMS])
@@ -105,18 +105,8 @@ def render_markdown(table: Dict[str, dict], results: Dict[Key, dict], seeds: Seq
         + "\nEvery training:\n\n"
         + markdown_table(["norm", "seed", "box AP", "box AP50", "mask AP", "train min"], every)
         + "\nPaper, Table 6 (Faster R-CNN, ResNet-50 + FPN, COCO, from scratch, box AP):\n\n" + paper
-        + f"\nMachine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall_seconds / 60:.1f} min; command: `{record['command']}`.\n"
+        + "\n" + machine_line(record, wall_seconds)
     )
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def main(argv=None) -> Dict[str, dict]:
@@ -126,13 +116,7 @@ def main(argv=None) -> Dict[str, dict]:
                              f"{QUICK_SEEDS}")
     parser.add_argument("--iterations", type=int, help=f"iterations per training (default {ITERATIONS})")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"training seeds (default {SEEDS})")
-    parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
-    parser.add_argument("--workers", type=int, default=1, help="trainings run at a time (default: %(default)s)")
-    parser.add_argument("--reuse", action="store_true", help="keep finished trainings found under --runs")
-    parser.add_argument("--out", default=RESULTS_DIR, help="folder for xbn_detection.{md,json}")
-    parser.add_argument("--runs", default=os.path.join(REPO, "work_dirs", "xbn_detection_runs"),
-                        help="folder for the trainings' own outputs and logs")
-    parser.add_argument("--data", default=os.path.join(REPO, "work_dirs", "data"), help="dataset folder")
+    add_training_arguments(parser, NORMS, "xbn_detection_runs", "xbn_detection.{md,json}")
     parser.add_argument("--val-interval", type=int, default=0, metavar="N",
                         help="also evaluate every N iterations (the same trainings as bench_scratch_detection.py's "
                              "with that option: with its --runs and --reuse its BN and GN trainings are reused)")
@@ -141,9 +125,7 @@ def main(argv=None) -> Dict[str, dict]:
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
     if iterations < 1:
         parser.error("--iterations must be >= 1")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        parser.error(f"cannot write to {args.out}; pass a writable --out")
+    require_writable_folder(parser, args.out)
 
     started = time.time()
     builtin_dataset("shapes", args.data, args.quick)  # made once, before the trainings that share it
@@ -166,6 +148,5 @@ def main(argv=None) -> Dict[str, dict]:
 
 
 if __name__ == "__main__":
-    # `kill` unwinds like Ctrl-C: the running trainings get the signal too and remove their partial output
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stop_on_sigterm()
     main()

@@ -27,7 +27,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch.nn import functional as F
 
-from benchmarks._common import (machine_record, markdown_table, save_figure_atomically, write_atomically,
+from benchmarks._common import (machine_line, machine_record, markdown_table, save_figure_atomically, write_atomically,
                                 write_json_atomically)
 from benchmarks._digits import Digits, accuracy, bottleneck_resnet, load_digits
 from sn_plugin import convert_to_xbn, estimation_shift, perturbed_running_stats, residual_blocks
@@ -143,9 +143,7 @@ def render_markdown(table, args, record, wall, test_samples) -> str:
         + "\nPaper, Fig. 8 (ResNet-50 on ImageNet, first 6 of 16 blocks disturbed): BN's top-1 falls "
           "markedly as Δ grows, XBNBlock-GN and XBNBlock-IN stay much more stable, IN more than GN.\n\n"
         "Figure: `xbn_perturbation.png`.\n\n"
-        f"Machine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; "
-        f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}; "
-        f"wall time {wall / 60:.1f} min; command: `{record['command']}`.\n"
+        + machine_line(record, wall)
     )
 
 

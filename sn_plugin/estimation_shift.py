@@ -265,8 +265,8 @@ def plot_estimation_shift(report: Report, title: Optional[str] = None):
     figure = Figure(figsize=(min(max(6.0, 0.18 * n + 2.5), 40.0), 5.5), layout="constrained")
     axes = figure.subplots(2, 1, sharex=True)
     positions = [r.index for r in report]
-    for ax, (field, label) in zip(axes, _PANELS):
-        ax.bar(positions, [getattr(r, field) for r in report], color="#4477AA", width=0.8)
+    for ax, (statistic, label) in zip(axes, _PANELS):
+        ax.bar(positions, [getattr(r, statistic) for r in report], color="#4477AA", width=0.8)
         ax.set_ylabel(label)
         ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     if n <= 60:
@@ -305,9 +305,9 @@ def plot_estimation_shift_history(history: History, title: Optional[str] = None,
         axes = figure.subplots(1, 2)
     colours = colormaps["viridis"]
     depth = Normalize(0, max(len(order) - 1, 1))
-    for ax, (field, label) in zip(axes, _PANELS):
+    for ax, (statistic, label) in zip(axes, _PANELS):
         for name, position in order.items():
-            points = [(e, getattr(r, field)) for e in epochs for r in history[e] if r.name == name]
+            points = [(e, getattr(r, statistic)) for e in epochs for r in history[e] if r.name == name]
             ax.plot([p[0] for p in points], [p[1] for p in points], color=colours(depth(position)), linewidth=1.0)
         ax.set_xlabel(step)
         ax.set_ylabel(label)

@@ -66,6 +66,13 @@ def machine_record(packages: Iterable[str] = ("torch", "numpy")) -> Dict[str, ob
     }
 
 
+def machine_line(record: Dict[str, object], wall_seconds: float) -> str:
+    """The closing line of a results file: machine, versions, wall time and the command that wrote it."""
+    versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
+    return (f"Machine: {record['processor']} ({record['cpu_count']} CPUs), {record['platform']}; versions: {versions}; "
+            f"wall time {wall_seconds / 60:.1f} min; command: `{record['command']}`.\n")
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -152,8 +152,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
                           help=f"smoke test: {QUICK.max_iters} iterations (and a tiny shapes dataset); about a "
                                f"minute")
     training.add_argument("--threads", type=int, default=1,
-                          help="torch intra-op threads (default 1: with 2 threads, OpenMP's spin-waiting made "
-                               "training 25x slower whenever other processes competed for a 2-core machine)")
+                          help="torch intra-op threads (default 1: with more threads than idle cores, OpenMP's "
+                               "spin-waiting slows training many times over)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default=os.path.join("work_dirs", "sn_detector"),
                         help="output folder, replaced if it holds an earlier run's output (default: %(default)s)")

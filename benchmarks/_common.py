@@ -127,8 +127,22 @@ def run_trainings(trainings: Sequence[Training], workers: int = 1, reuse: bool =
 
 
 def _made_by(out: str, command: List[str]) -> bool:
+    """Whether ``out`` holds a training by ``command``, its options in any order (two benchmarks
+    that share trainings list the same options in their own orders)."""
     try:
         with open(os.path.join(out, "command.txt")) as f:
-            return json.loads(f.read()) == command[1:]
+            recorded = json.loads(f.read())
     except (OSError, ValueError):
         return False
+    return recorded[:1] == command[1:2] and _option_groups(recorded[1:]) == _option_groups(command[2:])
+
+
+def _option_groups(arguments: Sequence[str]) -> List[tuple]:
+    """``['--b', '1', '--a', '--c', 'x', 'y']`` -> ``[('--a',), ('--b', '1'), ('--c', 'x', 'y')]``."""
+    groups: List[list] = []
+    for argument in arguments:
+        if argument.startswith("--") or not groups:
+            groups.append([argument])
+        else:
+            groups[-1].append(argument)
+    return sorted(tuple(group) for group in groups)

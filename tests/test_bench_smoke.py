@@ -161,3 +161,25 @@ def test_detector_step_quick_mode_times_every_norm(tmp_path):
     cells = record["threads"]["1"]
     assert set(cells) == {"SN", "SN (reference path)", "GN", "BN"} and cells["GN"]["ratio_to_GN"] == 1.0
     assert all(cell["median_ms"] > 0 for cell in cells.values())
+
+
+def test_the_xbn_benchmark_reuses_the_scratch_benchmarks_bn_and_gn_trainings(tmp_path, monkeypatch):
+    """Both benchmarks list the same training's options in their own orders; with --reuse and the same
+    --runs, the XBN benchmark must find the scratch benchmark's finished BN and GN trainings."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    common = importlib.import_module("_common")
+    scratch = _load("bench_scratch_detection")
+    xbn = _load("bench_xbn_detection")
+    runs, data = str(tmp_path / "runs"), str(tmp_path / "data")
+    made = {t.key[0]: t for t in scratch.plan(["BN", "GN"], [3200], [1], runs, data, quick=False, val_interval=400)}
+    for norm in ("BN", "GN"):
+        wanted = next(t for t in xbn.plan([norm], [1], 3200, runs, data, quick=False, val_interval=400))
+        assert wanted.out == made[norm].out
+        os.makedirs(wanted.out)
+        with open(os.path.join(wanted.out, "command.txt"), "w") as f:
+            json.dump([common.TRAIN_COMMAND, *made[norm].arguments, "--out", made[norm].out], f)
+        command = [sys.executable, common.TRAIN_COMMAND, *wanted.arguments, "--out", wanted.out]
+        assert list(wanted.arguments) != list(made[norm].arguments)  # the same options, in another order
+        assert common._made_by(wanted.out, command)
+        other = [sys.executable, common.TRAIN_COMMAND, *wanted.arguments, "--seed", "2", "--out", wanted.out]
+        assert not common._made_by(wanted.out, other)

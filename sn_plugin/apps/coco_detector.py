@@ -221,9 +221,9 @@ def run(args: argparse.Namespace, extra_hooks: Iterable = (),
     """
     out = os.path.abspath(args.out)
     _check_output_folder(out)
-    _require_toolkits()
     dataset = _dataset(args)
-    train, val = _checked(dataset)
+    train, val = _checked(dataset)  # the user's files first: their errors are the ones to fix first
+    _require_toolkits()
     plan = _plan(args, dataset, train)
     if plan.model == "mask_rcnn" and not train.has_masks:
         raise CommandError(f"train annotations {train.annotations} have annotations without 'segmentation', which "

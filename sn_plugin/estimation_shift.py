@@ -17,6 +17,7 @@ running statistics) and CN layers, whose BN/SN branches are layers of their own
 inside :func:`sn_plugin.consistent_branch` with data made by its transform.
 """
 import csv
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
@@ -185,9 +186,7 @@ def estimation_shift(
     batches = 0
     try:
         with _evaluating(model):
-            for batch in data:
-                if max_batches is not None and batches >= max_batches:
-                    break
+            for batch in itertools.islice(data, max_batches):  # no batch loaded past max_batches
                 forward(model, batch)
                 batches += 1
     finally:

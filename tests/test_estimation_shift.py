@@ -221,3 +221,16 @@ def test_estimation_shift_benchmark_quick_mode(tmp_path):
     assert set(record["setup_one"]) == {"BN", "GNBN"}
     for name in ("estimation_shift.md", "estimation_shift.json", "estimation_shift.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_max_batches_loads_no_batch_beyond_the_limit():
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
+    loaded = []
+
+    def loader():
+        for index in range(5):
+            loaded.append(index)
+            yield torch.randn(4, 5)
+
+    report = estimation_shift(model, loader(), max_batches=2)
+    assert loaded == [0, 1] and report[0].samples == 8

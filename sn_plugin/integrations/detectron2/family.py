@@ -18,7 +18,6 @@ Their config keys (:data:`FAMILY_CONFIG_KEYS`) come with SN's: ``add_sn_config``
 """
 import contextlib
 import inspect
-import itertools
 import logging
 import threading
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -174,10 +173,8 @@ class EstimationShiftHook(HookBase):
         """Measure now, as the measurement at iteration ``step`` (the main process only)."""
         if not comm.is_main_process():
             return
-        batches = self._data_loader
-        if self._max_batches is not None:
-            batches = itertools.islice(batches, self._max_batches)
-        report = estimation_shift(unwrap_model(self._model), batches, forward=lambda model, batch: model(batch))
+        report = estimation_shift(unwrap_model(self._model), self._data_loader,
+                                  forward=lambda model, batch: model(batch), max_batches=self._max_batches)
         scalars = self.log.record(step, report, self._output_dir)
         _LOGGER.info(self.log.summary(type(self).__name__, step, report))
         get_event_storage().put_scalars(smoothing_hint=False, **scalars)

@@ -35,7 +35,6 @@ toolkit's ``ResNet``, so everything that toolkit does with its ResNet
 """
 import bisect
 import copy
-import itertools
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch.nn.functional as F
@@ -428,8 +427,8 @@ class EstimationShiftHook(Hook):
             return
         model = unwrap_model(runner.model, is_model_wrapper)
         loader = runner.val_dataloader if self.dataloader == "val" else runner.test_dataloader
-        batches = loader if self.max_batches is None else itertools.islice(loader, self.max_batches)
-        report = estimation_shift(model, batches, forward=lambda m, batch: m.val_step(batch))
+        report = estimation_shift(model, loader, forward=lambda m, batch: m.val_step(batch),
+                                  max_batches=self.max_batches)
         scalars = self.log.record(step, report, runner.log_dir)
         runner.logger.info(self.log.summary(type(self).__name__, step, report))
         runner.visualizer.add_scalars(scalars, step=step)

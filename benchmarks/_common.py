@@ -14,7 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 from sn_plugin.apps.coco_detector import RECORDED_PACKAGES
 from sn_plugin.reports import (machine_line, machine_record, markdown_table, save_figure_atomically,
@@ -22,7 +22,8 @@ from sn_plugin.reports import (machine_line, machine_record, markdown_table, sav
 
 __all__ = ["RECORDED_PACKAGES", "REPO", "RESULTS_DIR", "TRAIN_COMMAND", "Training", "add_training_arguments",
            "format_ap", "machine_line", "machine_record", "markdown_table", "require_writable_folder", "run_trainings",
-           "save_figure_atomically", "stop_on_sigterm", "write_atomically", "write_json_atomically"]
+           "save_figure_atomically", "stop_on_sigterm", "training_arguments", "write_atomically",
+           "write_json_atomically"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
@@ -36,6 +37,21 @@ class Training:
     key: Hashable
     arguments: Sequence[str]
     out: str
+
+
+def training_arguments(dataset: str, data: str, norm: str, seed: int, iterations: int, num_images: int,
+                       quick: bool, val_interval: int = 0, config: Optional[str] = None) -> List[str]:
+    """The training command's arguments for one benchmark training, written the same way by every
+    benchmark, so that the trainings two benchmarks share are recognised as one (``--reuse``)."""
+    arguments = ["--dataset", dataset, "--data", data, "--norm", norm, "--seed", str(seed),
+                 "--max-iters", str(iterations), "--num-images", str(num_images)]
+    if config is not None:
+        arguments += ["--config", config]
+    if quick:
+        arguments.append("--quick")
+    if val_interval:
+        arguments += ["--val-interval", str(val_interval)]
+    return arguments
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, norms: Sequence[str], runs_folder: str,

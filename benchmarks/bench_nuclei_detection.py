@@ -27,8 +27,8 @@ import time
 from typing import Dict, List, Sequence, Tuple
 
 from _common import (RECORDED_PACKAGES, Training, add_training_arguments, format_ap, machine_line, machine_record,
-                     markdown_table, require_writable_folder, run_trainings, stop_on_sigterm, write_atomically,
-                     write_json_atomically)
+                     markdown_table, require_writable_folder, run_trainings, stop_on_sigterm, training_arguments,
+                     write_atomically, write_json_atomically)
 from sn_plugin.apps.coco_detector import PREDICTIONS, CocoPictures, CommandError, builtin_dataset
 from sn_plugin.reports import format_mean_spread, mean_and_spread, save_image_grid
 
@@ -47,8 +47,7 @@ def plan(norms: Sequence[str], seeds: Sequence[int], max_iters: int, runs: str, 
     trainings = []
     for seed in seeds:
         for norm in norms:
-            arguments = ["--dataset", "nuclei", "--data", data, "--norm", norm, "--seed", str(seed),
-                         "--max-iters", str(max_iters), "--num-images", "4"] + (["--quick"] if quick else [])
+            arguments = training_arguments("nuclei", data, norm, seed, max_iters, 4, quick)
             trainings.append(Training((norm, seed), arguments, os.path.join(runs, f"{norm}_seed{seed}")))
     return trainings
 

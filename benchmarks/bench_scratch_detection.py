@@ -30,7 +30,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from _common import (RECORDED_PACKAGES, Training, add_training_arguments, format_ap, machine_line, machine_record,
                      markdown_table, require_writable_folder, run_trainings, save_figure_atomically, stop_on_sigterm,
-                     write_atomically, write_json_atomically)
+                     training_arguments, write_atomically, write_json_atomically)
 from sn_plugin.apps.coco_detector import builtin_dataset
 from sn_plugin.reports import format_mean_spread, mean_and_spread
 
@@ -53,10 +53,7 @@ def plan(norms: Sequence[str], schedules: Sequence[int], seeds: Sequence[int], r
     for schedule in sorted(schedules, reverse=True):
         for seed in seeds:
             for norm in norms:
-                arguments = ["--dataset", "shapes", "--data", data, "--norm", norm, "--seed", str(seed),
-                             "--max-iters", str(schedule), "--num-images", "3"] + (["--quick"] if quick else [])
-                if val_interval:
-                    arguments += ["--val-interval", str(val_interval)]
+                arguments = training_arguments("shapes", data, norm, seed, schedule, 3, quick, val_interval)
                 trainings.append(Training((norm, schedule, seed), arguments,
                                           os.path.join(runs, f"{norm}_{schedule}it_seed{seed}")))
     return trainings

@@ -31,8 +31,8 @@ import time
 from typing import Dict, List, Sequence, Tuple
 
 from _common import (RECORDED_PACKAGES, Training, add_training_arguments, format_ap, machine_line, machine_record,
-                     markdown_table, require_writable_folder, run_trainings, stop_on_sigterm, write_atomically,
-                     write_json_atomically)
+                     markdown_table, require_writable_folder, run_trainings, stop_on_sigterm, training_arguments,
+                     write_atomically, write_json_atomically)
 from sn_plugin.apps.coco_detector import builtin_dataset, default_config
 from sn_plugin.reports import format_mean_spread, mean_and_spread
 
@@ -66,11 +66,9 @@ def plan(norms: Sequence[str], seeds: Sequence[int], iterations: int, runs: str,
     trainings = []
     for seed in seeds:
         for norm in norms:
-            arguments = ["--dataset", "shapes", "--data", data, "--seed", str(seed), "--max-iters", str(iterations),
-                         "--num-images", "3"] + (["--quick"] if quick else [])
-            arguments += ["--norm", "BN", "--config", xbn_config] if norm == "XBN" else ["--norm", norm]
-            if val_interval:
-                arguments += ["--val-interval", str(val_interval)]
+            # XBN: the command's BN everywhere, on the XBN backbone of the config (its BFNs stay)
+            arguments = training_arguments("shapes", data, "BN" if norm == "XBN" else norm, seed, iterations, 3, quick,
+                                           val_interval, config=xbn_config if norm == "XBN" else None)
             trainings.append(Training((norm, seed), arguments, os.path.join(runs, f"{norm}_{iterations}it_seed{seed}")))
     return trainings
 

@@ -164,8 +164,9 @@ def test_detector_step_quick_mode_times_every_norm(tmp_path):
 
 
 def test_the_xbn_benchmark_reuses_the_scratch_benchmarks_bn_and_gn_trainings(tmp_path, monkeypatch):
-    """Both benchmarks list the same training's options in their own orders; with --reuse and the same
-    --runs, the XBN benchmark must find the scratch benchmark's finished BN and GN trainings."""
+    """With --reuse and the same --runs, the XBN benchmark must find the scratch benchmark's finished BN
+    and GN trainings, also those recorded with the options in another order (as earlier versions of
+    the two benchmarks listed them)."""
     monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
     common = importlib.import_module("_common")
     scratch = _load("bench_scratch_detection")
@@ -174,12 +175,15 @@ def test_the_xbn_benchmark_reuses_the_scratch_benchmarks_bn_and_gn_trainings(tmp
     made = {t.key[0]: t for t in scratch.plan(["BN", "GN"], [3200], [1], runs, data, quick=False, val_interval=400)}
     for norm in ("BN", "GN"):
         wanted = next(t for t in xbn.plan([norm], [1], 3200, runs, data, quick=False, val_interval=400))
-        assert wanted.out == made[norm].out
+        assert wanted.out == made[norm].out and list(wanted.arguments) == list(made[norm].arguments)
+        recorded = list(made[norm].arguments)
+        pairs = [recorded[i:i + 2] for i in range(0, len(recorded), 2)]  # every option here takes one value
+        reordered = [token for pair in reversed(pairs) for token in pair]
         os.makedirs(wanted.out)
         with open(os.path.join(wanted.out, "command.txt"), "w") as f:
-            json.dump([common.TRAIN_COMMAND, *made[norm].arguments, "--out", made[norm].out], f)
+            json.dump([common.TRAIN_COMMAND, *reordered, "--out", made[norm].out], f)
         command = [sys.executable, common.TRAIN_COMMAND, *wanted.arguments, "--out", wanted.out]
-        assert list(wanted.arguments) != list(made[norm].arguments)  # the same options, in another order
+        assert reordered != list(wanted.arguments)  # the same options, in another order
         assert common._made_by(wanted.out, command)
         other = [sys.executable, common.TRAIN_COMMAND, *wanted.arguments, "--seed", "2", "--out", wanted.out]
         assert not common._made_by(wanted.out, other)

@@ -18,7 +18,6 @@ forces a choice.
 dispatches to it; the operators themselves are in :mod:`sn_plugin.kernels.ops`.
 """
 import importlib.util
-import math
 import os
 import warnings
 from typing import Optional
@@ -26,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import CPU_KERNELS_MISSING, ops
+from .ops import CPU_KERNELS_MISSING, flat_sizes, ops
 
 BACKEND_VARIABLE = "SN_PLUGIN_BACKEND"
 BACKENDS = ("auto", "reference", "cpp", "triton")
@@ -122,7 +121,7 @@ def switch_norm(
     host synchronisation: under a process group the BN statistics are gathered and the
     gradients reduced on the device.
     """
-    n, s = input.shape[0], math.prod(input.shape[2:])
+    n, _, s = flat_sizes(input)
     x = input.contiguous()  # the ops take (N, C, *): no view, no autograd node of its own
     has_bn = mean_logits.numel() == 3
     batch_stats = training or running_mean is None

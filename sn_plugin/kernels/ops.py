@@ -83,28 +83,28 @@ def _stats(x: Tensor, *sizes: int) -> Tensor:
     return x.new_empty(sizes, dtype=STATS_DTYPE)
 
 
-def _sizes(x: Tensor):
+def flat_sizes(x: Tensor):
     """(N, C, S) of an (N, C, *) input."""
     return x.shape[0], x.shape[1], math.prod(x.shape[2:])
 
 
 @torch.library.register_fake(f"{NAMESPACE}::moments")
 def _moments_fake(x, unbiased):
-    n, c, _ = _sizes(x)
+    n, c, _ = flat_sizes(x)
     return _stats(x, n, c), _stats(x, n, c)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::normalize")
 def _normalize_fake(x, mean_in, var_in, batch_mean, batch_var, batch_count, mean_logits, var_logits,
                     weight, bias, running_mean, running_var, batch_stats, eps, unbiased, has_in):
-    n, c, _ = _sizes(x)
+    n, c, _ = flat_sizes(x)
     return torch.empty_like(x), _stats(x, 2, n), _stats(x, 2, c)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::forward")
 def _forward_fake(x, mean_logits, var_logits, weight, bias, running_mean, running_var, batch_stats, eps,
                   unbiased, has_in):
-    n, c, s = _sizes(x)
+    n, c, s = flat_sizes(x)
     return torch.empty_like(x), _stats(x, n, 0 if s == 1 else c), _stats(x, 2, n), _stats(x, 2, c)
 
 
@@ -123,7 +123,7 @@ def _param_grads_fake(x, mean_logits):
 @torch.library.register_fake(f"{NAMESPACE}::backward_reduce")
 def _backward_reduce_fake(grad_out, x, mean_in, ln_stats, bn_stats, batch_count, mean_logits, var_logits,
                           weight, batch_stats, eps, unbiased, has_in):
-    n, c, _ = _sizes(x)
+    n, c, _ = flat_sizes(x)
     return (_stats(x, 3, n, c), _stats(x, 2, n), _stats(x, 2, c)) + _param_grads_fake(x, mean_logits)
 
 

@@ -6,13 +6,11 @@ E[x^2] - E[x]^2 cancellation) -> ``normalize``. Backward: ``backward_reduce`` ->
 ``all_reduce`` of the per-channel sums of dL/dmean_bn, dL/dvar_bn -> ``backward_dx``.
 Every step stays on the device: the sample count is a tensor, never read on the host.
 """
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import ops
+from .ops import flat_sizes, ops
 
 
 def local_moments(mean_in: Tensor, var_in: Tensor) -> Tensor:
@@ -51,8 +49,8 @@ class _SyncSwitchNorm(torch.autograd.Function):
         y, ln_stats, bn_stats = ops.normalize(x, mean_in, var_in, batch_mean, batch_var, count, mean_logits,
                                               var_logits, weight, bias, None, None, True, eps, unbiased, has_in)
         if running_mean is not None:
-            ops.update_running_stats(running_mean, running_var, bn_stats, count, x.shape[0], math.prod(x.shape[2:]),
-                                     momentum, unbiased)
+            n, _, s = flat_sizes(x)
+            ops.update_running_stats(running_mean, running_var, bn_stats, count, n, s, momentum, unbiased)
         ctx.save_for_backward(x, mean_in, ln_stats, bn_stats, count, mean_logits, var_logits, weight)
         ctx.group, ctx.flags = group, (True, eps, unbiased, has_in)
         ctx.param_dtypes = [None if t is None else t.dtype for t in (weight, bias)]

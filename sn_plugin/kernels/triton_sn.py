@@ -9,12 +9,12 @@ row sums, LN/BN reductions, dx. The full-size passes run in float32 (float64 for
 inputs); every per-(n, c) statistic is float64, as on the CPU. Nothing reads a device value
 on the host: the sample count of synchronized SN stays a tensor that the kernels load.
 """
-import math
-
 import triton
 import triton.language as tl
 import torch
 from torch import Tensor
+
+from .ops import flat_sizes
 
 STATS = torch.float64
 _TILE = 4096  # values per program and loop step of the full-size kernels (rows x spatial)
@@ -351,7 +351,7 @@ class _Layer:
     """Sizes and per-call constants of one op call."""
 
     def __init__(self, x: Tensor, unbiased: bool, has_in: bool = True, mean_logits: Tensor = None):
-        self.n, self.c, self.s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        self.n, self.c, self.s = flat_sizes(x)
         self.rows = self.n * self.c
         self.compute = tl.float64 if x.dtype == torch.float64 else tl.float32
         divisor = self.s - 1 if unbiased and self.s > 1 else self.s
@@ -421,7 +421,7 @@ def forward(x, mean_logits, var_logits, weight, bias, running_mean, running_var,
     mean_in, var_in = moments(x, unbiased)
     y, ln_stats, bn_stats = normalize(x, mean_in, var_in, None, None, None, mean_logits, var_logits, weight, bias,
                                       running_mean, running_var, batch_stats, eps, unbiased, has_in)
-    if math.prod(x.shape[2:]) == 1:  # one value per (n, c): the means are x itself, nothing to keep (see ops.py)
+    if flat_sizes(x)[2] == 1:  # one value per (n, c): the means are x itself, nothing to keep (see ops.py)
         mean_in = mean_in.new_empty((x.shape[0], 0))
     return y, mean_in, ln_stats, bn_stats
 
@@ -476,7 +476,7 @@ def backward_dx(grad_out, x, mean_in, row_grads, ln_grad, bn_grad, ln_stats, bn_
 
 def backward(grad_out, x, mean_in, ln_stats, bn_stats, mean_logits, var_logits, weight, batch_stats, eps, unbiased,
              has_in, input_grad):
-    if math.prod(x.shape[2:]) == 1:  # forward kept no means: they are x
+    if flat_sizes(x)[2] == 1:  # forward kept no means: they are x
         mean_in = x.view(x.shape[0], x.shape[1]).to(STATS)
     row_grads, ln_grad, bn_grad, g_mean, g_var, g_weight, g_bias = backward_reduce(
         grad_out, x, mean_in, ln_stats, bn_stats, None, mean_logits, var_logits, weight, batch_stats, eps,

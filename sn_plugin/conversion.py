@@ -29,8 +29,8 @@ from .switchable_norm import (
 )
 
 __all__ = [
-    "BatchNormXd", "ConversionOptions", "SNSource", "convert_sync_sn", "looks_like_batch_norm", "replace_modules", "convert_to_sn",
-    "register_sn_converter", "revert_sync_sn", "sparsify",
+    "BatchNormXd", "ConversionOptions", "SNSource", "convert_sync_sn", "convert_to_sn", "looks_like_batch_norm",
+    "register_sn_converter", "replace_modules", "revert_sync_sn", "sparsify",
 ]
 
 

@@ -25,13 +25,14 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch import nn
 
 from _common import RECORDED_PACKAGES, RESULTS_DIR, machine_record, markdown_table, write_atomically, \
     write_json_atomically
+from _timing import interleaved_medians
 from sn_plugin import SwitchNormBase, importance_weights, recompute_batch_stats, sparsify
 from sn_plugin.apps.coco_detector import ap_table
 
@@ -98,17 +99,6 @@ class BackboneAndNeck(nn.Module):
         return tuple(self.neck(self.backbone(images)))
 
 
-def median_seconds(functions: Dict[str, callable], repeats: int) -> Dict[str, float]:
-    """Interleaved timing (A B A B ...) of each function; the median per function."""
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            started = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def export_checks(model: nn.Module, images: torch.Tensor, folder: str, repeats: int) -> Dict[str, float]:
     import onnxruntime
 
@@ -129,8 +119,8 @@ def export_checks(model: nn.Module, images: torch.Tensor, folder: str, repeats: 
         return max(float((torch.as_tensor(o) - e).abs().max() / e.abs().max()) for o, e in zip(outputs, eager))
 
     with torch.no_grad():
-        seconds = median_seconds({"eager": lambda: part(images), "onnxruntime": lambda: session.run(None, feed)},
-                                 repeats)
+        seconds = interleaved_medians({"eager": lambda: part(images), "onnxruntime": lambda: session.run(None, feed)},
+                                      repeats)
     return {"torch_export_max_rel_diff": largest(exported), "onnx_max_rel_diff": largest(onnx_outputs),
             "eager_ms": 1000 * seconds["eager"], "onnxruntime_ms": 1000 * seconds["onnxruntime"]}
 

@@ -14,16 +14,17 @@ between the variants.
 Writes ``detector_step.{md,json}`` under ``benchmarks/results/`` (or ``--out``).
 """
 import argparse
+import functools
 import os
-import statistics
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 from _common import REPO, RECORDED_PACKAGES, RESULTS_DIR, machine_record, markdown_table, write_atomically, \
     write_json_atomically
+from _timing import interleaved_medians
 from sn_plugin import kernels
 from sn_plugin.apps.coco_detector import FULL, Plan, build_config, builtin_dataset, default_config
 from sn_plugin.data.coco import check_coco_dataset
@@ -70,21 +71,19 @@ def step(model, optimizer, batch) -> None:
     optimizer.step()
 
 
-def time_variants(built: Dict[str, tuple], rounds: int, warmup: int) -> Dict[str, List[float]]:
-    times: Dict[str, List[float]] = {name: [] for name in built}
-    for round_index in range(warmup + rounds):
-        for name, (backend, model, optimizer, batch) in built.items():
-            previous = kernels.set_backend(backend)
-            try:
-                torch.manual_seed(round_index)  # the same proposal sampling for every variant in a round
-                started = time.perf_counter()
-                step(model, optimizer, batch)
-                elapsed = time.perf_counter() - started
-            finally:
-                kernels.set_backend(previous)
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return times
+def time_variants(built: Dict[str, tuple], rounds: int, warmup: int) -> Dict[str, float]:
+    """Median seconds of a training step per variant, each on its backend, with the same proposal
+    sampling for every variant in a round."""
+    def prepare(name: str, round_index: int) -> None:
+        kernels.set_backend(built[name][0])
+        torch.manual_seed(round_index)
+
+    steps = {name: functools.partial(step, *parts) for name, (_, *parts) in built.items()}
+    previous = kernels.requested_backend()
+    try:
+        return interleaved_medians(steps, rounds, warmup, prepare=prepare)
+    finally:
+        kernels.set_backend(previous)
 
 
 def main(argv=None) -> dict:
@@ -103,8 +102,7 @@ def main(argv=None) -> dict:
                  for name, norm, backend in VARIANTS}
         for count in threads:
             torch.set_num_threads(count)
-            times = time_variants(built, rounds, warmup)
-            medians = {name: statistics.median(values) for name, values in times.items()}
+            medians = time_variants(built, rounds, warmup)
             results["threads"][str(count)] = {
                 name: {"median_ms": 1000 * medians[name], "ratio_to_GN": medians[name] / medians["GN"]}
                 for name in built}

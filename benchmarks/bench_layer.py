@@ -20,7 +20,6 @@ CPU runs are repeated for every ``--threads`` count. Writes a Markdown table to
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._timing import interleaved_medians  # noqa: E402
 from sn_plugin import SwitchNorm2d, SwitchNorm3d, kernels  # noqa: E402
 from sn_plugin.atomic import atomic_write  # noqa: E402
 
@@ -38,6 +38,7 @@ SHAPES = [(2, 256, 96, 96), (2, 1024, 48, 48), (8, 64, 56, 56), (512, 256, 7, 7)
           (128, 32, 7, 7), (2, 64, 8, 28, 28)]
 QUICK_SHAPES = [(2, 16, 12, 12), (4, 8, 2, 5, 5)]
 RESULTS = Path(__file__).resolve().parent / "results"
+WARMUP_ROUNDS = 3
 LOAD_AT_START = os.getloadavg()[0]
 FUSED, REFERENCE, BATCH_NORM, GROUP_NORM, PLAIN = (
     "SN (fused)", "SN (reference)", "BatchNorm", "GroupNorm(32)", "SN (plain autograd)")
@@ -108,28 +109,6 @@ def layers(shape):
     }
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_median_ms(fns, device, repeats, warmup=3):
-    """Median time of each function, run round-robin so that a change in the machine's
-    load (other processes) affects every function alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
-
-
 def saved_bytes(layer, x):
     """Bytes the autograd graph keeps for backward (distinct storages, the input included)."""
     storages = {}
@@ -160,9 +139,10 @@ def measure(shape, device, repeats):
                 layer.eval()(x)
         return run
 
-    train = interleaved_median_ms({n: train_step(m) for n, m in modules.items()}, device, repeats)
-    evaluate = interleaved_median_ms({n: eval_step(m) for n, m in modules.items()}, device, repeats)
-    return {n: (train[n], evaluate[n], saved_bytes(m.train(), xg)) for n, m in modules.items()}
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else None
+    train, evaluate = (interleaved_medians({n: step(m) for n, m in modules.items()}, repeats, WARMUP_ROUNDS,
+                                           synchronize=synchronize) for step in (train_step, eval_step))
+    return {n: (1e3 * train[n], 1e3 * evaluate[n], saved_bytes(m.train(), xg)) for n, m in modules.items()}
 
 
 def render(runs, device, repeats, wall):
